@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on a fresh Debian/Ubuntu machine, then runs it:
+# lint (ruff), types (mypy --strict) and pytest (unit + integration on real Redis/Prometheus).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pair in redis-server:redis-server redis-cli:redis-tools prometheus:prometheus promtool:prometheus; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+# Debian starts the packaged services; the tests run their own on free loopback ports.
+if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server prometheus >/dev/null 2>&1 || true; fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[test]'
+
+.venv/bin/ruff check proxy tests
+.venv/bin/ruff format --check proxy tests
+.venv/bin/mypy proxy
+.venv/bin/pytest "$@"
