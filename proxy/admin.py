@@ -1,0 +1,185 @@
+"""The admin API (/admin/*): keys, credits and usage for operators, behind its own token.
+
+With no TOLLGATE_ADMIN_TOKEN every /admin path answers 404; the token is compared in
+constant time. The CLI performs the same operations through `parse_key_fields`.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from proxy.credits import usd_to_micros
+from proxy.errors import AuthenticationFailed, InvalidRequest, NotFound
+from proxy.gateway import Gateway
+from proxy.keys import LIMIT_FIELDS
+from proxy.usage import BadTime, default_window, export, key_usage, parse_time
+from proxy.validation import parse_json_object
+
+
+def _nonneg_int(field: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequest(f"{field} must be a non-negative integer or null", param=field)
+    return value
+
+
+def _usd(field: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or abs(value) > 1e12:
+        raise InvalidRequest(f"{field} must be a number of USD", param=field)
+    return usd_to_micros(value)
+
+
+def parse_key_fields(payload: dict[str, Any], *, creating: bool) -> dict[str, Any]:
+    """Check a create/update payload; returns Keyring keyword arguments."""
+    known = {"name", "credits", "allowed_models", "metadata", *LIMIT_FIELDS}
+    unknown = sorted(set(payload) - known)
+    if unknown:
+        raise InvalidRequest(f"unknown field {unknown[0]!r}", param=unknown[0])
+    out: dict[str, Any] = {}
+    name = payload.get("name")
+    if creating or "name" in payload:
+        if not isinstance(name, str) or not name.strip() or len(name) > 200:
+            raise InvalidRequest("name must be a non-empty string", param="name")
+        out["name"] = name
+    limits = {f: _nonneg_int(f, payload.get(f)) for f in LIMIT_FIELDS if f in payload}
+    if creating or limits:
+        out["limits"] = limits
+    if "allowed_models" in payload:
+        models = payload["allowed_models"]
+        if models is not None and (
+            not isinstance(models, list)
+            or not all(isinstance(m, str) and m and "\n" not in m for m in models)
+        ):
+            raise InvalidRequest(
+                "allowed_models must be a list of model names or null", param="allowed_models"
+            )
+        out["allowed_models"] = models or None
+    elif creating:
+        out["allowed_models"] = None
+    if "metadata" in payload or creating:
+        metadata = payload.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise InvalidRequest("metadata must be an object", param="metadata")
+        out["metadata"] = metadata
+    if creating:
+        credits = payload.get("credits")
+        out["credits_micros"] = None if credits is None else _usd("credits", credits)
+    elif "credits" in payload:
+        raise InvalidRequest("change credits with POST /admin/keys/{id}/credits", param="credits")
+    return out
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    token = gateway.settings.admin_token
+    if not token:
+        raise NotFound("Not found")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        raise AuthenticationFailed("Invalid admin token")
+    return gateway
+
+
+def _found(record: dict[str, Any] | None, key_id: str) -> dict[str, Any]:
+    if record is None:
+        raise NotFound(f"No key with id {key_id!r}")
+    return record
+
+
+async def _payload(request: Request) -> dict[str, Any]:
+    return parse_json_object(await request.body())
+
+
+async def create_key(request: Request) -> Response:
+    gateway = _gateway(request)
+    fields = parse_key_fields(await _payload(request), creating=True)
+    return JSONResponse(await gateway.keyring.create(**fields), status_code=201)
+
+
+async def list_keys(request: Request) -> Response:
+    gateway = _gateway(request)
+    return JSONResponse({"object": "list", "data": await gateway.keyring.all()})
+
+
+async def show_key(request: Request) -> Response:
+    gateway = _gateway(request)
+    key_id = request.path_params["id"]
+    return JSONResponse(_found(await gateway.keyring.get(key_id), key_id))
+
+
+async def update_key(request: Request) -> Response:
+    gateway = _gateway(request)
+    key_id = request.path_params["id"]
+    fields = parse_key_fields(await _payload(request), creating=False)
+    return JSONResponse(_found(await gateway.keyring.update(key_id, **fields), key_id))
+
+
+async def revoke_key(request: Request) -> Response:
+    gateway = _gateway(request)
+    key_id = request.path_params["id"]
+    return JSONResponse(_found(await gateway.keyring.revoke(key_id), key_id))
+
+
+async def rotate_key(request: Request) -> Response:
+    gateway = _gateway(request)
+    key_id = request.path_params["id"]
+    return JSONResponse(_found(await gateway.keyring.rotate(key_id), key_id))
+
+
+async def add_credits(request: Request) -> Response:
+    gateway = _gateway(request)
+    key_id = request.path_params["id"]
+    payload = await _payload(request)
+    amount = _usd("amount", payload.get("amount"))
+    return JSONResponse(_found(await gateway.keyring.add_credits(key_id, amount), key_id))
+
+
+def _window(request: Request) -> tuple[Any, Any]:
+    since_default, until_default = default_window()
+    try:
+        since = parse_time(request.query_params.get("since"), default=since_default)
+        until = parse_time(request.query_params.get("until"), default=until_default)
+    except BadTime as exc:
+        raise InvalidRequest(str(exc), param="since/until") from None
+    if until <= since:
+        raise InvalidRequest("until must be later than since", param="until")
+    return since, until
+
+
+async def usage_of_key(request: Request) -> Response:
+    gateway = _gateway(request)
+    key_id = request.path_params["id"]
+    _found(await gateway.keyring.get(key_id), key_id)
+    group_by = request.query_params.get("group_by", "day")
+    if group_by not in ("day", "model"):
+        raise InvalidRequest("group_by must be day or model", param="group_by")
+    since, until = _window(request)
+    answer = await key_usage(gateway.store, key_id, since=since, until=until, group_by=group_by)
+    return JSONResponse(answer)
+
+
+async def export_usage(request: Request) -> Response:
+    gateway = _gateway(request)
+    since, until = _window(request)
+    key_ids = [record["id"] for record in await gateway.keyring.all()]
+    lines = export(gateway.store, key_ids, since=since, until=until)
+    return StreamingResponse(lines, media_type="application/x-ndjson")
+
+
+routes = [
+    Route("/admin/keys", create_key, methods=["POST"]),
+    Route("/admin/keys", list_keys, methods=["GET"]),
+    Route("/admin/keys/{id}", show_key, methods=["GET"]),
+    Route("/admin/keys/{id}", update_key, methods=["PATCH"]),
+    Route("/admin/keys/{id}", revoke_key, methods=["DELETE"]),
+    Route("/admin/keys/{id}/rotate", rotate_key, methods=["POST"]),
+    Route("/admin/keys/{id}/credits", add_credits, methods=["POST"]),
+    Route("/admin/keys/{id}/usage", usage_of_key, methods=["GET"]),
+    Route("/admin/usage/export", export_usage, methods=["GET"]),
+]

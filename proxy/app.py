@@ -1,0 +1,171 @@
+"""The Starlette application: routes, the request-id middleware, lifespan and error handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxy import admin, endpoints
+from proxy.config import Settings
+from proxy.errors import InternalError, MethodNotAllowed, NotFound, ProxyError
+from proxy.gateway import Gateway
+from proxy.keys import Keyring
+from proxy.limits import LEASE_MARGIN_MS, Limiter
+from proxy.metrics import Metrics
+from proxy.spool import Spool
+from proxy.store import Store, open_store
+from proxy.upstream import Upstream
+
+log = logging.getLogger("tollgate")
+CHAT_PATHS = (
+    "/v1/chat/completions",
+    "/chat/completions",
+    "/api/chat/completions",
+    "/api/v1/chat/completions",
+    "/api/ai/chat/completions",
+)
+_CLIENT_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (the client's, if sane) and every response `x-request-id`.
+
+    It is also the last resort: an unexpected exception becomes an OpenAI-style 500 that
+    names no internals, with the same header.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = b""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id" and _CLIENT_REQUEST_ID.match(value):
+                request_id = value
+                break
+        if not request_id:
+            request_id = uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error in request %s", request_id.decode())
+            if started:
+                raise
+            await _render(InternalError())(scope, receive, send_with_id)
+
+
+def _render(error: ProxyError) -> Response:
+    return Response(
+        error.json_bytes(),
+        status_code=error.status_code,
+        headers=error.headers,
+        media_type="application/json",
+    )
+
+
+async def proxy_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProxyError)
+    return _render(exc)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return _render(MethodNotAllowed(f"Method {request.method} not allowed here"))
+    return _render(NotFound(f"Unknown path {request.url.path}"))
+
+
+def build_gateway(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Gateway:
+    store = store or open_store(settings)
+    known_models = set(settings.prices.models)
+    lease_ms = int(settings.upstream_timeout_s * 1000) + LEASE_MARGIN_MS
+    return Gateway(
+        settings=settings,
+        store=store,
+        upstream=Upstream(settings, transport=transport),
+        metrics=Metrics(
+            key_label=settings.metrics_key_label,
+            known_models=known_models,
+            multiprocess_dir=settings.metrics_multiprocess,
+        ),
+        limiter=Limiter(store, lease_ms=lease_ms, retention_days=settings.usage_retention_days),
+        keyring=Keyring(store),
+        spool=Spool(settings.spool_dir),
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Starlette:
+    """The ASGI app. `store` and `transport` let tests and the demo bring their own."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        gateway = build_gateway(settings, store=store, transport=transport)
+        app.state.gateway = gateway
+        replay = asyncio.create_task(gateway.replay_forever())
+        try:
+            yield
+        finally:
+            replay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await replay
+            await gateway.aclose()
+
+    routes = [Route(path, endpoints.chat_completions, methods=["POST"]) for path in CHAT_PATHS]
+    for prefix in ("/v1", "/api/v1"):
+        routes += [
+            Route(f"{prefix}/models", endpoints.list_models, methods=["GET"]),
+            Route(f"{prefix}/models/{{model:path}}", endpoints.get_model, methods=["GET"]),
+            Route(
+                f"{prefix}/{{rest:path}}",
+                endpoints.passthrough,
+                methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            ),
+        ]
+    routes += [
+        Route("/healthz", endpoints.healthz, methods=["GET"]),
+        Route("/readyz", endpoints.readyz, methods=["GET"]),
+        Route("/metrics", endpoints.metrics, methods=["GET"]),
+        *admin.routes,
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={ProxyError: proxy_error, HTTPException: http_error},
+    )
+    app.add_middleware(RequestIdMiddleware)
+    return app

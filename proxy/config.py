@@ -1,0 +1,156 @@
+"""Settings: one immutable object built once at the edge (CLI) from TOLLGATE_* and flags.
+
+Nothing else reads the environment; every component receives the Settings it needs.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from proxy.credits import PriceTable, load_prices
+
+ENV_VARIABLES: dict[str, str] = {
+    "TOLLGATE_UPSTREAM_URL": "upstream base URL; /chat/completions, /models, ... are appended",
+    "TOLLGATE_UPSTREAM_API_KEY": "credential sent upstream as Authorization: Bearer",
+    "TOLLGATE_REDIS_URL": "redis:// or rediss:// URL; unset means an in-process store",
+    "TOLLGATE_REDIS_CLUSTER": "true to use Redis Cluster (the URL names any seed node)",
+    "TOLLGATE_ADMIN_TOKEN": "bearer token for /admin/*; the admin API is off when unset",
+    "TOLLGATE_UPSTREAM_TIMEOUT": "seconds for the whole upstream exchange",
+    "TOLLGATE_PRICES": "path to a TOML price table",
+    "TOLLGATE_FAIL_MODE": "open or closed: what limits do when Redis is unreachable",
+    "TOLLGATE_MAX_BODY_BYTES": "largest accepted request body",
+    "TOLLGATE_METRICS_KEY_LABEL": "true to label per-key metrics with the key's name",
+    "TOLLGATE_SPOOL_DIR": "where usage records wait on disk while Redis is unreachable",
+    "TOLLGATE_INJECT_STREAM_USAGE": "false for upstreams that reject stream_options",
+    "TOLLGATE_DEFAULT_MAX_TOKENS": "completion tokens assumed when a request sets no max_tokens",
+    "TOLLGATE_SHUTDOWN_TIMEOUT": "seconds in-flight requests and streams get to finish on SIGTERM",
+    "TOLLGATE_USAGE_RETENTION_DAYS": "days raw usage records are kept (aggregates are kept)",
+    "TOLLGATE_LOG_LEVEL": "debug, info, warning or error",
+    "TOLLGATE_HOST": "listen address for serve (flag --host)",
+    "TOLLGATE_PORT": "listen port for serve (flag --port)",
+    "TOLLGATE_WORKERS": "worker processes for serve (flag --workers)",
+}
+REQUIRED_FOR_SERVE = ("TOLLGATE_UPSTREAM_URL",)
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the variable in one line."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    upstream_url: str = ""
+    upstream_api_key: str | None = field(default=None, repr=False)
+    redis_url: str | None = field(default=None, repr=False)
+    redis_cluster: bool = False
+    admin_token: str | None = field(default=None, repr=False)
+    upstream_timeout_s: float = 180.0
+    prices: PriceTable = field(default_factory=lambda: load_prices(None))
+    fail_open: bool = False
+    max_body_bytes: int = 10 * 1024 * 1024
+    metrics_key_label: bool = True
+    spool_dir: Path = Path("tollgate-spool")
+    inject_stream_usage: bool = True
+    default_max_tokens: int = 1024
+    shutdown_timeout_s: float = 185.0
+    log_level: str = "info"
+    host: str = "0.0.0.0"
+    port: int = 8080
+    workers: int = 1
+    models_cache_s: float = 30.0
+    metrics_multiprocess: bool = False  # PROMETHEUS_MULTIPROC_DIR is set
+    usage_retention_days: int = 30
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _number(name: str, raw: str, *, integer: bool = False, minimum: float = 0) -> float:
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
+    if value < minimum or value != value or value == float("inf"):
+        raise ConfigError(f"{name} must be at least {minimum:g}, got {raw!r}")
+    return value
+
+
+def load_settings(
+    environ: Mapping[str, str], overrides: Mapping[str, object] | None = None
+) -> Settings:
+    """Build Settings from TOLLGATE_* variables; `overrides` (CLI flags) win over them."""
+    env = {k: v for k, v in environ.items() if k.startswith("TOLLGATE_") and v != ""}
+    values: dict[str, object] = {
+        "metrics_multiprocess": bool(environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    }
+    if "TOLLGATE_UPSTREAM_URL" in env:
+        url = env["TOLLGATE_UPSTREAM_URL"].rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"TOLLGATE_UPSTREAM_URL must start with http:// or https://: {url!r}")
+        values["upstream_url"] = url
+    for name, attr in (
+        ("TOLLGATE_UPSTREAM_API_KEY", "upstream_api_key"),
+        ("TOLLGATE_ADMIN_TOKEN", "admin_token"),
+    ):
+        if name in env:
+            values[attr] = env[name]
+    if "TOLLGATE_REDIS_URL" in env:
+        url = env["TOLLGATE_REDIS_URL"]
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"TOLLGATE_REDIS_URL must be a redis:// or rediss:// URL: {url!r}")
+        values["redis_url"] = url
+    for name, attr in (
+        ("TOLLGATE_REDIS_CLUSTER", "redis_cluster"),
+        ("TOLLGATE_METRICS_KEY_LABEL", "metrics_key_label"),
+        ("TOLLGATE_INJECT_STREAM_USAGE", "inject_stream_usage"),
+    ):
+        if name in env:
+            values[attr] = _bool(name, env[name])
+    for name, attr, integer, minimum in (
+        ("TOLLGATE_UPSTREAM_TIMEOUT", "upstream_timeout_s", False, 0.001),
+        ("TOLLGATE_MAX_BODY_BYTES", "max_body_bytes", True, 1),
+        ("TOLLGATE_DEFAULT_MAX_TOKENS", "default_max_tokens", True, 1),
+        ("TOLLGATE_SHUTDOWN_TIMEOUT", "shutdown_timeout_s", False, 0),
+        ("TOLLGATE_USAGE_RETENTION_DAYS", "usage_retention_days", True, 1),
+        ("TOLLGATE_PORT", "port", True, 1),
+        ("TOLLGATE_WORKERS", "workers", True, 1),
+    ):
+        if name in env:
+            values[attr] = _number(name, env[name], integer=integer, minimum=minimum)
+    if "TOLLGATE_FAIL_MODE" in env:
+        mode = env["TOLLGATE_FAIL_MODE"].strip().lower()
+        if mode not in ("open", "closed"):
+            raise ConfigError(f"TOLLGATE_FAIL_MODE must be open or closed, got {mode!r}")
+        values["fail_open"] = mode == "open"
+    if "TOLLGATE_LOG_LEVEL" in env:
+        level = env["TOLLGATE_LOG_LEVEL"].strip().lower()
+        if level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"TOLLGATE_LOG_LEVEL must be debug|info|warning|error: {level!r}")
+        values["log_level"] = level
+    if "TOLLGATE_SPOOL_DIR" in env:
+        values["spool_dir"] = Path(env["TOLLGATE_SPOOL_DIR"])
+    if "TOLLGATE_HOST" in env:
+        values["host"] = env["TOLLGATE_HOST"]
+    if "TOLLGATE_PRICES" in env:
+        path = Path(env["TOLLGATE_PRICES"])
+        try:
+            values["prices"] = load_prices(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, ValueError) as exc:
+            raise ConfigError(f"TOLLGATE_PRICES: cannot read price table {path}: {exc}") from None
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    settings = Settings(**values)  # type: ignore[arg-type]
+    if settings.workers > 1 and not settings.redis_url:
+        raise ConfigError(
+            "--workers above 1 needs TOLLGATE_REDIS_URL (workers cannot share an in-process store)"
+        )
+    return settings

@@ -1,0 +1,103 @@
+"""`tollgate demo`: the embedded default. In-process store, built-in mock upstream, a demo key.
+
+Everything runs in one process and one event loop: the mock upstream on a free loopback
+port, Tollgate on the chosen port, so a newcomer needs nothing but this package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import replace
+
+import uvicorn
+
+from proxy.app import create_app
+from proxy.config import Settings
+from proxy.keys import Keyring
+from proxy.mock_upstream import create_mock_upstream
+from proxy.store import Store, embedded_client
+
+DEMO_LIMITS = {"rpm": 5, "tpm": 20_000, "max_concurrency": 2}
+DEMO_CREDITS_MICROS = 5_000  # $0.005: gpt-4o-mini fits, gpt-4o's worst case does not
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def banner(base_url: str, key: str) -> str:
+    return f"""
+Tollgate demo is running at {base_url}  (in-process store, built-in mock upstream)
+
+Demo key (rpm=5, tpm=20000, max_concurrency=2, credits $0.005):
+  {key}
+
+Try it:
+  curl -s {base_url}/v1/chat/completions \\
+    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
+    -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hi"}}]}}'
+
+  # a 402: gpt-4o's worst-case cost is more than the key's balance
+  curl -s {base_url}/v1/chat/completions \\
+    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
+    -d '{{"model": "gpt-4o", "messages": [{{"role": "user", "content": "Hi"}}]}}'
+
+  # a 429: the 6th request within a minute
+  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w "%{{http_code}}\\n" \\
+    {base_url}/v1/chat/completions \\
+    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
+    -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hi"}}]}}'; done
+
+OpenAI SDK (pip install openai):
+  from openai import OpenAI
+  client = OpenAI(base_url="{base_url}/v1", api_key="{key}")
+  for chunk in client.chat.completions.create(
+      model="gpt-4o-mini", messages=[{{"role": "user", "content": "Hi"}}], stream=True):
+      if chunk.choices: print(chunk.choices[0].delta.content or "", end="", flush=True)
+
+Press Ctrl+C to stop.
+"""
+
+
+async def run_demo(settings: Settings, *, host: str, port: int) -> None:
+    mock_port = _free_port()
+    settings = replace(settings, upstream_url=f"http://127.0.0.1:{mock_port}/v1")
+    store = Store(embedded_client(), embedded=True)
+    record = await Keyring(store).create(
+        name="demo",
+        limits=dict(DEMO_LIMITS),
+        credits_micros=DEMO_CREDITS_MICROS,
+        allowed_models=None,
+        metadata={"demo": True},
+    )
+    mock = uvicorn.Server(
+        uvicorn.Config(
+            create_mock_upstream(), host="127.0.0.1", port=mock_port, log_level="warning"
+        )
+    )
+    proxy = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, store=store),
+            host=host,
+            port=port,
+            log_level=settings.log_level,
+            access_log=False,
+            server_header=False,
+        )
+    )
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    mock_task = asyncio.create_task(mock.serve())
+    proxy_task = asyncio.create_task(proxy.serve())
+    while not (mock.started and proxy.started):
+        if proxy_task.done() or mock_task.done():
+            break
+        await asyncio.sleep(0.05)
+    if proxy.started:
+        print(banner(f"http://{shown_host}:{port}", record["key"]), flush=True)
+    await proxy_task
+    mock.should_exit = True
+    await mock_task

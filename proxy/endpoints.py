@@ -1,0 +1,416 @@
+"""Client-facing handlers. The chat pipeline reads top to bottom:
+authenticate -> validate -> admit (limits + credits) -> upstream -> relay -> settle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from proxy.errors import (
+    AuthenticationFailed,
+    InsufficientCredits,
+    ModelNotAllowed,
+    NotFound,
+    ProxyError,
+    RateLimited,
+    RequestTooLarge,
+    StoreUnavailable,
+    UpstreamFailed,
+    UpstreamTimeout,
+)
+from proxy.gateway import Gateway
+from proxy.keys import PresentedKey, parse_key
+from proxy.limits import Decision, rate_limit_headers, retry_headers
+from proxy.metering import (
+    estimate_prompt_tokens,
+    max_completion_tokens,
+    usage_from_body,
+)
+from proxy.relay import Admitted, Exchange, RelayResponse
+from proxy.store import StoreDown
+from proxy.upstream import request_headers, response_headers
+from proxy.validation import parse_json_object, validate_chat
+
+_USAGE_OPTION = b'"stream_options":{"include_usage":true},'
+_LIMIT_MESSAGES = {
+    "requests": "Rate limit reached for requests per minute (limit: {rpm}). Try again in {wait}.",
+    "tokens": "Rate limit reached for tokens per minute (limit: {tpm}). Try again in {wait}.",
+    "concurrency": "Too many concurrent requests for this key. Try again when one has finished.",
+}
+
+
+def gateway_of(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+def authenticate(request: Request) -> PresentedKey:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationFailed(
+            "You didn't provide an API key. Provide it in the Authorization header "
+            "(Authorization: Bearer YOUR_KEY)."
+        )
+    presented = parse_key(token.strip())
+    if presented is None:
+        raise AuthenticationFailed()
+    return presented
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it grows past the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise RequestTooLarge(f"Request body is larger than the limit of {max_bytes} bytes")
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > max_bytes:
+            raise RequestTooLarge(f"Request body is larger than the limit of {max_bytes} bytes")
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _refusal(decision: Decision, model: str, gateway: Gateway) -> ProxyError:
+    metrics = gateway.metrics
+    name = decision.key_name
+    verdict = decision.verdict
+    if verdict in ("unknown_key", "revoked"):
+        return AuthenticationFailed()
+    if verdict == "model_not_allowed":
+        return ModelNotAllowed(f"This API key is not allowed to use the model '{model}'")
+    if verdict == "unpriced":
+        return ModelNotAllowed(
+            f"The model '{model}' has no price, so keys with a credit balance cannot use it"
+        )
+    if verdict == "credits":
+        metrics.credit_rejections.labels(*metrics.keyed(name)).inc()
+        return InsufficientCredits(
+            "Insufficient credits: the balance cannot cover this request's maximum cost. "
+            "Add credits or lower max_tokens."
+        )
+    metrics.rate_limited.labels(*metrics.keyed(name, verdict)).inc()
+    wait = f"{decision.retry_after_ms / 1000:.3g}s"
+    message = _LIMIT_MESSAGES[verdict].format(rpm=decision.rpm, tpm=decision.tpm, wait=wait)
+    headers = {k.decode(): v.decode() for k, v in rate_limit_headers(decision)}
+    return RateLimited(message, headers={**headers, **retry_headers(decision.retry_after_ms)})
+
+
+async def admit(
+    gateway: Gateway,
+    presented: PresentedKey,
+    *,
+    request_id: str,
+    model: str,
+    token_estimate: int,
+    cost_micros: int | None,
+) -> Decision:
+    """Authenticate and admit in one store round trip; fail open or closed when it is down."""
+    try:
+        decision = await gateway.limiter.admit(
+            presented,
+            request_id=request_id,
+            model=model,
+            token_estimate=token_estimate,
+            cost_micros=cost_micros,
+        )
+    except StoreDown:
+        gateway.metrics.store_errors.inc()
+        name = gateway.recent_key_name(presented.key_hash) if gateway.settings.fail_open else None
+        if name is None:
+            raise StoreUnavailable(
+                "The rate-limit store is unreachable; try again shortly"
+            ) from None
+        gateway.metrics.fail_open.inc()
+        return Decision(verdict="ok", key_name=name)
+    if not decision.admitted:
+        raise _refusal(decision, model, gateway)
+    gateway.remember_key(presented.key_hash, presented.key_id, decision.key_name)
+    return decision
+
+
+def _with_usage_option(raw: bytes, body: dict[str, Any]) -> bytes:
+    """Ask a streaming upstream for its final usage chunk, changing nothing else."""
+    options = body.get("stream_options")
+    if options is None:
+        start = raw.index(b"{") + 1
+        return raw[:start] + _USAGE_OPTION + raw[start:]
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return raw
+    body["stream_options"] = {
+        **(options if isinstance(options, dict) else {}),
+        "include_usage": True,
+    }
+    return json.dumps(body).encode()
+
+
+async def chat_completions(request: Request) -> Response:
+    gateway = gateway_of(request)
+    settings = gateway.settings
+    request_id: str = request.scope["state"]["request_id"]
+    started = time.perf_counter()
+    presented = authenticate(request)
+    raw = await read_body(request, settings.max_body_bytes)
+    body = parse_json_object(raw)
+    model = validate_chat(body)
+    stream = body.get("stream") is True
+    if stream and settings.inject_stream_usage:
+        raw = _with_usage_option(raw, body)
+    prompt_estimate = estimate_prompt_tokens(body)
+    completion_max = max_completion_tokens(body, settings.default_max_tokens)
+    price = settings.prices.price(model)
+    cost = (
+        settings.prices.cost_micros(model, prompt_estimate, completion_max)
+        if price is not None
+        else None
+    )
+    decision = await admit(
+        gateway,
+        presented,
+        request_id=request_id,
+        model=model,
+        token_estimate=prompt_estimate + completion_max,
+        cost_micros=cost,
+    )
+    admitted = Admitted(
+        request_id=request_id,
+        key_id=presented.key_id,
+        key_name=decision.key_name,
+        model=model,
+        route="chat_completions",
+        path=request.url.path,
+        stream=stream,
+        prompt_estimate=prompt_estimate,
+        started=started,
+        deadline=asyncio.get_running_loop().time() + settings.upstream_timeout_s,
+        ts=time.time(),
+    )
+    return await forward(
+        gateway,
+        request,
+        Exchange(gateway, admitted),
+        decision,
+        upstream_path="/chat/completions",
+        content=raw,
+        expect_chat=True,
+    )
+
+
+async def forward(
+    gateway: Gateway,
+    request: Request,
+    exchange: Exchange,
+    decision: Decision,
+    *,
+    upstream_path: str,
+    content: bytes | None,
+    expect_chat: bool,
+) -> Response:
+    """Send an admitted request upstream and answer the client; settles on every path."""
+    admitted = exchange.admitted
+    limit_headers = rate_limit_headers(decision)
+    gateway.metrics.inflight.inc()
+    try:
+        response = await _send(gateway, request, exchange, upstream_path, content)
+        headers = response_headers(response) + limit_headers
+        is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
+        if response.status_code < 300 and is_sse and (admitted.stream or not expect_chat):
+            return RelayResponse(exchange, status=response.status_code, headers=headers)  # type: ignore[return-value]
+        payload = await _read(gateway, exchange)
+        status = response.status_code
+        if status >= 500:
+            gateway.metrics.upstream_errors.labels("status").inc()
+            await exchange.finish(status=502, billable=False)
+            raise UpstreamFailed(f"Upstream answered with status {status}", reason="status")
+        if (status < 300 and b'"usage"' in payload) or (status < 300 and expect_chat):
+            parsed = _json_or_none(payload)
+            if expect_chat and (parsed is None or admitted.stream):
+                gateway.metrics.upstream_errors.labels("invalid").inc()
+                await exchange.finish(status=502, billable=False)
+                raise UpstreamFailed(
+                    "Upstream answered with a body that is not a chat completion", reason="invalid"
+                )
+            exchange.usage = usage_from_body(parsed) if parsed is not None else None
+        await exchange.finish(status=status, billable=status < 400)
+        answer = Response(payload, status_code=status)
+        answer.raw_headers.extend(headers)
+        return answer
+    except ProxyError as exc:
+        await exchange.finish(status=exc.status_code)
+        exc.headers.update({k.decode(): v.decode() for k, v in limit_headers})
+        raise
+    except BaseException:
+        await exchange.finish(status=500)
+        raise
+
+
+async def _send(
+    gateway: Gateway, request: Request, exchange: Exchange, path: str, content: bytes | None
+) -> httpx.Response:
+    """The upstream's response head, within the exchange's deadline."""
+    headers = request_headers(
+        request.headers.raw,
+        api_key=gateway.settings.upstream_api_key,
+        request_id=exchange.admitted.request_id,
+    )
+    try:
+        async with asyncio.timeout_at(exchange.admitted.deadline):
+            response = await gateway.upstream.send(
+                request.method,
+                path,
+                headers=headers,
+                content=content,
+                query=request.scope.get("query_string", b""),
+            )
+    except TimeoutError:
+        gateway.metrics.upstream_errors.labels("timeout").inc()
+        raise UpstreamTimeout(gateway.settings.upstream_timeout_s) from None
+    except UpstreamFailed as exc:
+        gateway.metrics.upstream_errors.labels(exc.reason).inc()
+        await exchange.finish(status=exc.status_code, billable=False)
+        raise
+    exchange.response = response
+    exchange.first_byte()
+    return response
+
+
+async def _read(gateway: Gateway, exchange: Exchange) -> bytes:
+    """The whole upstream body, within the exchange's deadline."""
+    assert exchange.response is not None
+    try:
+        async with asyncio.timeout_at(exchange.admitted.deadline):
+            return await exchange.response.aread()
+    except TimeoutError:
+        gateway.metrics.upstream_errors.labels("timeout").inc()
+        raise UpstreamTimeout(gateway.settings.upstream_timeout_s) from None
+    except httpx.HTTPError as exc:
+        gateway.metrics.upstream_errors.labels("connect").inc()
+        raise UpstreamFailed("Upstream connection failed mid-response", reason="connect") from exc
+
+
+def _json_or_none(payload: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+async def passthrough(request: Request) -> Response:
+    """Any other /v1/* path: authenticated, request-limited, metered when it reports usage."""
+    gateway = gateway_of(request)
+    settings = gateway.settings
+    request_id: str = request.scope["state"]["request_id"]
+    started = time.perf_counter()
+    presented = authenticate(request)
+    raw = await read_body(request, settings.max_body_bytes)
+    body = _json_or_none(raw) if raw else None
+    model = body.get("model") if body is not None else None
+    model = model if isinstance(model, str) and model else "-"
+    decision = await admit(
+        gateway, presented, request_id=request_id, model=model, token_estimate=0, cost_micros=0
+    )
+    admitted = Admitted(
+        request_id=request_id,
+        key_id=presented.key_id,
+        key_name=decision.key_name,
+        model=model,
+        route="passthrough",
+        path=request.url.path,
+        stream=bool(body and body.get("stream") is True),
+        prompt_estimate=0,
+        started=started,
+        deadline=asyncio.get_running_loop().time() + settings.upstream_timeout_s,
+        ts=time.time(),
+    )
+    return await forward(
+        gateway,
+        request,
+        Exchange(gateway, admitted),
+        decision,
+        upstream_path="/" + request.url.path.split("/v1/", 1)[1],
+        content=raw or None,
+        expect_chat=False,
+    )
+
+
+async def _key_models(request: Request) -> tuple[Gateway, list[str] | None]:
+    """Authenticate a models request; returns the key's allowed models (None = all)."""
+    gateway = gateway_of(request)
+    presented = authenticate(request)
+    try:
+        record = await gateway.keyring.authenticate(presented)
+    except StoreDown:
+        gateway.metrics.store_errors.inc()
+        raise StoreUnavailable("The key store is unreachable; try again shortly") from None
+    if record is False:
+        raise AuthenticationFailed()
+    return gateway, record if isinstance(record, list) else None
+
+
+async def _upstream_models(gateway: Gateway) -> list[dict[str, Any]]:
+    """The upstream's model list, cached briefly per process."""
+    now = time.monotonic()
+    cached = gateway.models_cache
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    headers = request_headers([], api_key=gateway.settings.upstream_api_key, request_id="models")
+    try:
+        async with asyncio.timeout(gateway.settings.upstream_timeout_s):
+            response = await gateway.upstream.send("GET", "/models", headers=headers, content=None)
+            payload = await response.aread()
+    except TimeoutError:
+        gateway.metrics.upstream_errors.labels("timeout").inc()
+        raise UpstreamTimeout(gateway.settings.upstream_timeout_s) from None
+    except httpx.HTTPError as exc:
+        raise UpstreamFailed("Upstream connection failed", reason="connect") from exc
+    parsed = _json_or_none(payload) if response.status_code == 200 else None
+    data = parsed.get("data") if parsed is not None else None
+    if not isinstance(data, list):
+        gateway.metrics.upstream_errors.labels("invalid" if parsed is None else "status").inc()
+        raise UpstreamFailed("Upstream did not answer with a model list", reason="invalid")
+    models = [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+    gateway.models_cache = (now + gateway.settings.models_cache_s, models)
+    gateway.metrics.known_models.update(m["id"] for m in models)
+    return models
+
+
+async def list_models(request: Request) -> Response:
+    gateway, allowed = await _key_models(request)
+    models = await _upstream_models(gateway)
+    if allowed is not None:
+        models = [m for m in models if m["id"] in allowed]
+    return JSONResponse({"object": "list", "data": models})
+
+
+async def get_model(request: Request) -> Response:
+    gateway, allowed = await _key_models(request)
+    model_id = request.path_params["model"]
+    for model in await _upstream_models(gateway):
+        if model["id"] == model_id and (allowed is None or model_id in allowed):
+            return JSONResponse(model)
+    raise NotFound(f"The model '{model_id}' does not exist", param="model")
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    if await gateway_of(request).store.ping():
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "store unreachable"}, status_code=503)
+
+
+async def metrics(request: Request) -> Response:
+    body, content_type = gateway_of(request).metrics.render()
+    return Response(body, media_type=content_type)

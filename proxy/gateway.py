@@ -1,0 +1,101 @@
+"""The Gateway: the parts one process serves with, built once in the app's lifespan.
+
+Handlers reach it through `request.app.state.gateway`; it also settles finished requests,
+spooling their usage to disk while the store is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.config import Settings
+from proxy.keys import Keyring
+from proxy.limits import Limiter
+from proxy.metrics import Metrics
+from proxy.spool import Spool
+from proxy.store import Store, StoreDown
+from proxy.upstream import Upstream
+
+log = logging.getLogger("tollgate")
+FAIL_OPEN_MEMORY_S = 300.0
+REPLAY_INTERVAL_S = 2.0
+
+
+@dataclass(slots=True)
+class Gateway:
+    settings: Settings
+    store: Store
+    upstream: Upstream
+    metrics: Metrics
+    limiter: Limiter
+    keyring: Keyring
+    spool: Spool
+    # key hash -> (key id, key name, monotonic expiry): keys seen lately, for fail-open.
+    recent_keys: dict[str, tuple[str, str, float]] = field(default_factory=dict)
+    models_cache: tuple[float, list[dict[str, Any]]] | None = None
+    _fail_open_logged: float = 0.0
+
+    def remember_key(self, key_hash: str, key_id: str, key_name: str) -> None:
+        if self.settings.fail_open:
+            self.recent_keys[key_hash] = (key_id, key_name, time.monotonic() + FAIL_OPEN_MEMORY_S)
+
+    def recent_key_name(self, key_hash: str) -> str | None:
+        entry = self.recent_keys.get(key_hash)
+        if entry is None or entry[2] < time.monotonic():
+            return None
+        now = time.monotonic()
+        if now - self._fail_open_logged > 60:
+            self._fail_open_logged = now
+            log.warning("store unreachable: admitting known keys without limits (fail-open)")
+        return entry[1]
+
+    async def settle(self, settlement: dict[str, Any]) -> None:
+        """Settle one finished request; when the store is down, keep it in the spool."""
+        try:
+            await self.limiter.settle(**settlement)
+        except StoreDown as exc:
+            self.metrics.store_errors.inc()
+            log.warning(
+                "store unreachable while settling %s: spooled (%s)", settlement["request_id"], exc
+            )
+            await asyncio.to_thread(self.spool.append, settlement)
+            self.metrics.spooled.inc()
+
+    async def replay_spool(self) -> int:
+        """Send spooled settlements to the store; returns how many landed."""
+        landed = 0
+        for path in self.spool.files():
+            claimed = self.spool.claim(path)
+            if claimed is None:
+                continue
+            entries = self.spool.read(claimed)
+            for index, entry in enumerate(entries):
+                try:
+                    await self.limiter.settle(**entry)
+                except StoreDown:
+                    # Put back what did not land; the next round tries again.
+                    for rest in entries[index:]:
+                        self.spool.append(rest)
+                    claimed.unlink()
+                    return landed
+                landed += 1
+                self.metrics.spooled.dec()
+            claimed.unlink()
+        return landed
+
+    async def replay_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REPLAY_INTERVAL_S)
+            if self.spool.files():
+                try:
+                    await self.replay_spool()
+                except Exception:  # a replay round must never kill the loop
+                    log.exception("spool replay failed; retrying")
+
+    async def aclose(self) -> None:
+        await self.upstream.aclose()
+        await self.store.aclose()

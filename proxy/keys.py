@@ -1,0 +1,210 @@
+"""API keys: generation, hashing, parsing, and the key records operators manage.
+
+A key is `sk-tg-<id>_<secret>`: the id in clear lets one script on one cluster slot find the
+record, and only the SHA-256 of the whole key is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from proxy import store
+from proxy.credits import micros_to_usd
+from proxy.store import Store
+
+KEY_PREFIX = "sk-tg-"
+_KEY_RE = re.compile(r"^sk-tg-([0-9a-f]{16})_([A-Za-z0-9_-]{32,128})$")
+_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency")
+
+
+@dataclass(frozen=True, slots=True)
+class PresentedKey:
+    """What a client's bearer key tells before the store is asked: its id and its hash."""
+
+    key_id: str
+    key_hash: str
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_key(key: str) -> PresentedKey | None:
+    match = _KEY_RE.match(key)
+    if match is None:
+        return None
+    return PresentedKey(key_id=match.group(1), key_hash=hash_key(key))
+
+
+def valid_key_id(key_id: str) -> bool:
+    return _ID_RE.match(key_id) is not None
+
+
+def new_key(key_id: str) -> str:
+    return f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+
+
+def _models_field(models: list[str] | None) -> str:
+    """Allowed models as "\\nm1\\nm2\\n", so the admission script finds one with plain find."""
+    return "" if not models else "\n" + "\n".join(models) + "\n"
+
+
+def record_json(fields: dict[str, str]) -> dict[str, Any]:
+    """The admin API's view of a stored record (never the hash)."""
+    models = [m for m in fields.get("models", "").split("\n") if m]
+    credits = fields.get("credits")
+    return {
+        "id": fields["id"],
+        "name": fields.get("name", ""),
+        "rpm": int(fields["rpm"]) if "rpm" in fields else None,
+        "tpm": int(fields["tpm"]) if "tpm" in fields else None,
+        "max_concurrency": (
+            int(fields["max_concurrency"]) if "max_concurrency" in fields else None
+        ),
+        "credits": micros_to_usd(int(credits)) if credits is not None else None,
+        "reserved_credits": micros_to_usd(int(fields.get("reserved", "0"))),
+        "allowed_models": models or None,
+        "metadata": json.loads(fields.get("metadata", "{}")),
+        "created_at": fields.get("created_at", ""),
+        "revoked": fields.get("revoked") == "1",
+    }
+
+
+class Keyring:
+    """Create, read, change, revoke and rotate key records in the store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def create(
+        self,
+        *,
+        name: str,
+        limits: dict[str, int | None],
+        credits_micros: int | None,
+        allowed_models: list[str] | None,
+        metadata: dict[str, Any],
+    ) -> dict[str, Any]:
+        """A new key; the answer is the only place its secret `key` ever appears."""
+        key_id = secrets.token_hex(8)
+        key = new_key(key_id)
+        fields = {
+            "id": key_id,
+            "hash": hash_key(key),
+            "name": name,
+            "models": _models_field(allowed_models),
+            "metadata": json.dumps(metadata),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "revoked": "0",
+            "reserved": "0",
+        }
+        fields.update({k: str(v) for k, v in limits.items() if v is not None})
+        if credits_micros is not None:
+            fields["credits"] = str(credits_micros)
+        client = self.store.client
+        await self.store.call(lambda: client.hset(store.record_key(key_id), mapping=fields))
+        await self.store.call(lambda: client.sadd(store.KEY_INDEX, key_id))
+        return {**record_json(fields), "key": key}
+
+    async def _fields(self, key_id: str) -> dict[str, str] | None:
+        if not valid_key_id(key_id):
+            return None
+        client = self.store.client
+        fields: dict[str, str] = await self.store.call(
+            lambda: client.hgetall(store.record_key(key_id))
+        )
+        return fields or None
+
+    async def authenticate(self, presented: PresentedKey) -> list[str] | bool | None:
+        """Check a key outside the hot path; False when unknown or revoked, else its models."""
+        client = self.store.client
+        rkey = store.record_key(presented.key_id)
+        stored, revoked, models = await self.store.call(
+            lambda: client.hmget(rkey, ["hash", "revoked", "models"])
+        )
+        if stored is None or not hmac.compare_digest(stored, presented.key_hash) or revoked == "1":
+            return False
+        return [m for m in models.split("\n") if m] or None if models else None
+
+    async def get(self, key_id: str) -> dict[str, Any] | None:
+        fields = await self._fields(key_id)
+        return record_json(fields) if fields else None
+
+    async def all(self) -> list[dict[str, Any]]:
+        client = self.store.client
+        ids: set[str] = await self.store.call(lambda: client.smembers(store.KEY_INDEX))
+        records = [await self.get(key_id) for key_id in sorted(ids)]
+        return sorted(
+            (r for r in records if r is not None), key=lambda r: (r["created_at"], r["id"])
+        )
+
+    async def update(
+        self,
+        key_id: str,
+        *,
+        name: str | None = None,
+        limits: dict[str, int | None] | None = None,
+        allowed_models: list[str] | bool | None = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
+        """Change what is given; a limit of None means unlimited; allowed_models False = keep."""
+        if await self._fields(key_id) is None:
+            return None
+        changes: dict[str, str] = {}
+        removals: list[str] = []
+        if name is not None:
+            changes["name"] = name
+        for field, value in (limits or {}).items():
+            if value is None:
+                removals.append(field)
+            else:
+                changes[field] = str(value)
+        if allowed_models is not False:
+            models = allowed_models if isinstance(allowed_models, list) else None
+            changes["models"] = _models_field(models)
+        if metadata is not None:
+            changes["metadata"] = json.dumps(metadata)
+        client = self.store.client
+        rkey = store.record_key(key_id)
+        if changes:
+            await self.store.call(lambda: client.hset(rkey, mapping=changes))
+        if removals:
+            await self.store.call(lambda: client.hdel(rkey, *removals))
+        return await self.get(key_id)
+
+    async def revoke(self, key_id: str) -> dict[str, Any] | None:
+        if await self._fields(key_id) is None:
+            return None
+        client = self.store.client
+        await self.store.call(lambda: client.hset(store.record_key(key_id), "revoked", "1"))
+        return await self.get(key_id)
+
+    async def rotate(self, key_id: str) -> dict[str, Any] | None:
+        """A new secret for the same id; the old key stops working on its next request."""
+        fields = await self._fields(key_id)
+        if fields is None:
+            return None
+        key = new_key(key_id)
+        client = self.store.client
+        await self.store.call(
+            lambda: client.hset(store.record_key(key_id), mapping={"hash": hash_key(key)})
+        )
+        return {**record_json(fields), "key": key}
+
+    async def add_credits(self, key_id: str, amount_micros: int) -> dict[str, Any] | None:
+        """Add (or remove, when negative) credits; a key without a balance starts from 0."""
+        if await self._fields(key_id) is None:
+            return None
+        client = self.store.client
+        await self.store.call(
+            lambda: client.hincrby(store.record_key(key_id), "credits", amount_micros)
+        )
+        return await self.get(key_id)

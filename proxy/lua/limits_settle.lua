@@ -1,0 +1,72 @@
+-- Settle one request once its usage is known, and record that usage, in one round trip.
+-- Idempotent: a request id already settled is ignored, so a replayed record never counts twice.
+--
+-- KEYS[1]  key record hash     tollgate:key:{id}         tpm, credits, reserved
+-- KEYS[2]  bucket hash         tollgate:bucket:{id}      t (tokens level)
+-- KEYS[3]  in-flight zset      tollgate:inflight:{id}    request id -> lease expiry (ms)
+-- KEYS[4]  reservations hash   tollgate:reserved:{id}    request id -> "micros:tokens:model"
+-- KEYS[5]  usage stream        tollgate:usage:{id}       raw usage records, field "r" = JSON
+-- KEYS[6]  aggregates hash     tollgate:agg:{id}         "<day>|<model>|<counter>" -> integer
+-- KEYS[7]  settled zset        tollgate:settled:{id}     request id -> settle time (ms)
+-- ARGV[1]  request id
+-- ARGV[2]  now in ms, or "" to use the Redis clock
+-- ARGV[3]  tokens actually used (prompt + completion)
+-- ARGV[4]  cost actually incurred, micro-dollars
+-- ARGV[5]  day of the request, YYYY-MM-DD (UTC)
+-- ARGV[6]  model (as metered)
+-- ARGV[7]  prompt tokens
+-- ARGV[8]  completion tokens
+-- ARGV[9]  raw-record retention in ms (older stream entries are trimmed)
+-- ARGV[10] the usage record, JSON
+--
+-- Returns 1 when settled now, 0 when this request id was settled before.
+
+local record_key, bucket_key, inflight_key, reserved_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local usage_key, agg_key, settled_key = KEYS[5], KEYS[6], KEYS[7]
+local request_id = ARGV[1]
+local used_tokens, cost_micros = tonumber(ARGV[3]), tonumber(ARGV[4])
+local day, model = ARGV[5], ARGV[6]
+local prompt_tokens, completion_tokens = tonumber(ARGV[7]), tonumber(ARGV[8])
+local retention_ms = tonumber(ARGV[9])
+
+local now = tonumber(ARGV[2])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+if redis.call('ZSCORE', settled_key, request_id) then
+  return 0
+end
+-- Remember settled ids for as long as records are retained, the window a replay can come in.
+redis.call('ZADD', settled_key, now, request_id)
+redis.call('ZREMRANGEBYSCORE', settled_key, '-inf', now - retention_ms)
+
+redis.call('ZREM', inflight_key, request_id)
+local reservation = redis.call('HGET', reserved_key, request_id)
+if reservation then
+  redis.call('HDEL', reserved_key, request_id)
+  local micros, estimate = string.match(reservation, '^(%-?%d+):(%-?%d+):')
+  micros, estimate = tonumber(micros), tonumber(estimate)
+  if micros ~= 0 then
+    redis.call('HINCRBY', record_key, 'reserved', -micros)
+  end
+  -- Tokens: refund (or further debit) the difference between estimate and real use.
+  -- The level may go negative, which delays later requests instead of losing tokens.
+  if estimate ~= used_tokens and redis.call('HEXISTS', record_key, 'tpm') == 1 then
+    redis.call('HINCRBYFLOAT', bucket_key, 't', estimate - used_tokens)
+  end
+end
+
+local rec = redis.call('HMGET', record_key, 'credits')
+if rec[1] and cost_micros ~= 0 then
+  redis.call('HINCRBY', record_key, 'credits', -cost_micros)
+end
+
+redis.call('XADD', usage_key, 'MINID', '~', now - retention_ms, '*', 'r', ARGV[10])
+local prefix = day .. '|' .. model .. '|'
+redis.call('HINCRBY', agg_key, prefix .. 'requests', 1)
+redis.call('HINCRBY', agg_key, prefix .. 'prompt_tokens', prompt_tokens)
+redis.call('HINCRBY', agg_key, prefix .. 'completion_tokens', completion_tokens)
+redis.call('HINCRBY', agg_key, prefix .. 'cost_micros', cost_micros)
+return 1

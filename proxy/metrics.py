@@ -1,0 +1,92 @@
+"""Every Prometheus metric of Tollgate, in one place, with bounded label values.
+
+Under several uvicorn workers prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR)
+aggregates what each worker counts; the /metrics handler merges the files.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 180)
+OTHER_MODEL = "other"
+
+
+class Metrics:
+    """The metric objects plus the set of model names allowed as label values."""
+
+    def __init__(
+        self, *, key_label: bool, known_models: set[str], multiprocess_dir: bool = False
+    ) -> None:
+        self.key_label = key_label
+        self.multiprocess_dir = multiprocess_dir
+        self.known_models = set(known_models)
+        self.registry = CollectorRegistry(auto_describe=True)
+        key = ["key"] if key_label else []
+        r = self.registry
+        self.requests = Counter(
+            "tollgate_requests", "Requests answered", ["route", "model", "status", *key],
+            registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "tollgate_request_duration_seconds", "Time from request to last byte",
+            ["route", "model", "stream"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "tollgate_upstream_ttft_seconds", "Time to the upstream's first byte",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "tollgate_tokens", "Tokens metered", ["model", *key, "kind"], registry=r
+        )
+        self.cost = Counter("tollgate_cost_usd", "Cost metered, USD", ["model", *key], registry=r)
+        self.rate_limited = Counter(
+            "tollgate_rate_limited", "Requests refused by a limit", [*key, "limit"], registry=r
+        )
+        self.credit_rejections = Counter(
+            "tollgate_credit_rejections", "Requests refused for credits", key, registry=r
+        )
+        self.upstream_errors = Counter(
+            "tollgate_upstream_errors", "Upstream failures", ["reason"], registry=r
+        )
+        self.inflight = Gauge(
+            "tollgate_inflight_requests", "Requests in flight", registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.active_streams = Gauge(
+            "tollgate_active_streams", "Streams being relayed", registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.store_errors = Counter(
+            "tollgate_store_errors", "Store operations that failed", registry=r
+        )
+        self.spooled = Gauge(
+            "tollgate_spooled_usage_records", "Usage records waiting in the spool",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.fail_open = Counter(
+            "tollgate_fail_open_admissions", "Requests admitted unchecked while the store was down",
+            registry=r,
+        )  # fmt: skip
+
+    def model(self, name: str) -> str:
+        """Clamp a client-chosen model name so the label set cannot grow without bound."""
+        return name if name in self.known_models else OTHER_MODEL
+
+    def keyed(self, key_name: str, *labels: str) -> tuple[str, ...]:
+        return (key_name, *labels) if self.key_label else labels
+
+    def render(self) -> tuple[bytes, str]:
+        if self.multiprocess_dir:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

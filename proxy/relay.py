@@ -1,0 +1,226 @@
+"""The relay: one admitted request from upstream answer to settlement.
+
+Stream bytes pass through untouched as they arrive; a watcher notices a client that went away
+and cancels the upstream read at once. `Exchange.finish()` runs exactly once, on every path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from anyio import CancelScope
+from starlette.types import Receive, Scope, Send
+
+from proxy.errors import ProxyError, UpstreamFailed, UpstreamTimeout
+from proxy.gateway import Gateway
+from proxy.metering import StreamMeter, Usage
+
+CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer ended
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """What is known about a request once it is admitted and before it goes upstream."""
+
+    request_id: str
+    key_id: str
+    key_name: str
+    model: str
+    route: str
+    path: str
+    stream: bool
+    prompt_estimate: int
+    started: float  # time.perf_counter()
+    deadline: float  # loop time by which the whole upstream exchange must end
+    ts: float  # time.time() at arrival
+
+
+class Exchange:
+    def __init__(self, gateway: Gateway, admitted: Admitted) -> None:
+        self.gateway = gateway
+        self.admitted = admitted
+        self.response: httpx.Response | None = None
+        self.meter: StreamMeter | None = None
+        self.usage: Usage | None = None
+        self.ttft_s: float | None = None
+        self._finished = False
+
+    def first_byte(self) -> None:
+        if self.ttft_s is None:
+            self.ttft_s = time.perf_counter() - self.admitted.started
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The upstream body as it arrives, metered, within the exchange's deadline."""
+        assert self.response is not None
+        meter = self.meter = StreamMeter()
+        iterator = self.response.aiter_raw()
+        deadline = self.admitted.deadline
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                self.gateway.metrics.upstream_errors.labels("timeout").inc()
+                raise UpstreamTimeout(self.gateway.settings.upstream_timeout_s) from None
+            except httpx.HTTPError as exc:
+                self.gateway.metrics.upstream_errors.labels("connect").inc()
+                raise UpstreamFailed(
+                    f"Upstream connection failed mid-response: {type(exc).__name__}",
+                    reason="connect",
+                ) from exc
+            if self.ttft_s is None:
+                self.first_byte()
+            meter.feed(chunk)
+            yield chunk
+
+    def final_usage(self, *, upstream_reached: bool) -> Usage:
+        if self.usage is not None:
+            return self.usage
+        if self.meter is not None and self.meter.usage is not None:
+            return self.meter.usage
+        if not upstream_reached:
+            return Usage(0, 0, "upstream")
+        completion = self.meter.completion_estimate() if self.meter is not None else 0
+        return Usage(self.admitted.prompt_estimate, completion, "estimated")
+
+    async def finish(self, *, status: int, billable: bool = True) -> None:
+        """Close upstream, settle limits and credits, record usage and metrics; once only.
+
+        Shielded: a client that went away must not cancel its own settlement.
+        """
+        if self._finished:
+            return
+        self._finished = True
+        with CancelScope(shield=True):
+            await self._finish(status, billable)
+
+    async def _finish(self, status: int, billable: bool) -> None:
+        gateway, admitted = self.gateway, self.admitted
+        if self.response is not None:
+            await self.response.aclose()
+        usage = self.final_usage(upstream_reached=billable)
+        prices = gateway.settings.prices
+        cost_micros = prices.cost_micros(
+            admitted.model, usage.prompt_tokens, usage.completion_tokens
+        )
+        elapsed = time.perf_counter() - admitted.started
+        record: dict[str, Any] = {
+            "request_id": admitted.request_id,
+            "ts": datetime.fromtimestamp(admitted.ts, UTC).isoformat(timespec="milliseconds"),
+            "key_id": admitted.key_id,
+            "key_name": admitted.key_name,
+            "model": admitted.model,
+            "path": admitted.path,
+            "stream": admitted.stream,
+            "status": status,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+            "cost_usd": cost_micros / 1_000_000,
+            "usage_source": usage.source,
+            "latency_ms": round(elapsed * 1000, 1),
+            "ttft_ms": round(self.ttft_s * 1000, 1) if self.ttft_s is not None else None,
+        }
+        if usage.details:
+            record["usage_details"] = usage.details
+        await gateway.settle(
+            {
+                "key_id": admitted.key_id,
+                "request_id": admitted.request_id,
+                "day": record["ts"][:10],
+                "model": admitted.model,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "cost_micros": cost_micros,
+                "record_json": json.dumps(record, separators=(",", ":")),
+            }
+        )
+        metrics = gateway.metrics
+        model = metrics.model(admitted.model)
+        metrics.requests.labels(
+            admitted.route, model, str(status), *metrics.keyed(admitted.key_name)
+        ).inc()
+        metrics.duration.labels(
+            admitted.route, model, "true" if admitted.stream else "false"
+        ).observe(elapsed)
+        if self.ttft_s is not None:
+            metrics.ttft.labels(model).observe(self.ttft_s)
+        if usage.prompt_tokens:
+            metrics.tokens.labels(model, *metrics.keyed(admitted.key_name), "prompt").inc(
+                usage.prompt_tokens
+            )
+        if usage.completion_tokens:
+            metrics.tokens.labels(model, *metrics.keyed(admitted.key_name), "completion").inc(
+                usage.completion_tokens
+            )
+        if cost_micros:
+            metrics.cost.labels(model, *metrics.keyed(admitted.key_name)).inc(
+                cost_micros / 1_000_000
+            )
+        metrics.inflight.dec()
+
+
+class RelayResponse:
+    """A pure-ASGI streaming response that relays upstream SSE chunk by chunk."""
+
+    def __init__(
+        self, exchange: Exchange, *, status: int, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        self.exchange = exchange
+        self.status = status
+        self.headers = headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        relaying = True
+        disconnected = False
+
+        async def watch_disconnect() -> None:
+            nonlocal disconnected
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    disconnected = True
+                    if relaying:
+                        task.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch_disconnect())
+        status = self.status
+        metrics = self.exchange.gateway.metrics
+        metrics.active_streams.inc()
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": self.headers})
+            try:
+                async for chunk in self.exchange.chunks():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except ProxyError as exc:
+                # After the first byte an error is one final SSE event, then a clean end.
+                status = exc.status_code
+                await send(
+                    {"type": "http.response.body", "body": exc.sse_event(), "more_body": True}
+                )
+            relaying = False
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not disconnected:
+                raise
+            task.uncancel()
+            status = CLIENT_CLOSED
+        except OSError:  # the server reports a client that is gone
+            status = CLIENT_CLOSED
+        finally:
+            relaying = False
+            watcher.cancel()
+            metrics.active_streams.dec()
+            await self.exchange.finish(status=status)

@@ -1,0 +1,133 @@
+"""The store: Redis client construction, every Redis key name, and the Lua scripts.
+
+With no Redis URL the store is in-process (fakeredis running the very same Lua scripts), for
+`tollgate demo` and single-process use. Redis connection failures become StoreDown here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
+
+from proxy.config import Settings
+
+log = logging.getLogger("tollgate.store")
+T = TypeVar("T")
+
+STORE_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.BusyLoadingError,
+    OSError,
+)
+
+KEY_INDEX = "tollgate:keys"
+
+
+class StoreDown(Exception):
+    """Redis could not be reached; the caller decides between 503 and fail-open."""
+
+
+# Every Redis key of one API key carries the hash tag {<key id>}: one cluster slot per API key,
+# so each script touches one slot.
+def record_key(key_id: str) -> str:
+    return f"tollgate:key:{{{key_id}}}"
+
+
+def bucket_key(key_id: str) -> str:
+    return f"tollgate:bucket:{{{key_id}}}"
+
+
+def inflight_key(key_id: str) -> str:
+    return f"tollgate:inflight:{{{key_id}}}"
+
+
+def reserved_key(key_id: str) -> str:
+    return f"tollgate:reserved:{{{key_id}}}"
+
+
+def usage_key(key_id: str) -> str:
+    return f"tollgate:usage:{{{key_id}}}"
+
+
+def aggregates_key(key_id: str) -> str:
+    return f"tollgate:agg:{{{key_id}}}"
+
+
+def settled_key(key_id: str) -> str:
+    return f"tollgate:settled:{{{key_id}}}"
+
+
+def admission_keys(key_id: str) -> list[str]:
+    return [record_key(key_id), bucket_key(key_id), inflight_key(key_id), reserved_key(key_id)]
+
+
+def settlement_keys(key_id: str) -> list[str]:
+    return [*admission_keys(key_id), usage_key(key_id), aggregates_key(key_id), settled_key(key_id)]
+
+
+def _script_source(name: str) -> str:
+    return resources.files("proxy").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+class Store:
+    """A Redis (or in-process) client plus the registered Lua scripts."""
+
+    def __init__(self, client: Any, *, embedded: bool = False, cluster: bool = False) -> None:
+        self.client = client
+        self.embedded = embedded
+        self.cluster = cluster
+        self.admit_script: AsyncScript = client.register_script(_script_source("limits_admit"))
+        self.settle_script: AsyncScript = client.register_script(_script_source("limits_settle"))
+
+    async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation, translating connection failures into StoreDown."""
+        try:
+            return await operation()
+        except STORE_ERRORS as exc:
+            raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.client.ping())
+        except STORE_ERRORS:
+            return False
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def embedded_client() -> Any:
+    """An in-process Redis that runs Lua: fakeredis with lupa."""
+    import fakeredis
+
+    return fakeredis.FakeAsyncRedis(decode_responses=True)
+
+
+def open_store(settings: Settings) -> Store:
+    if not settings.redis_url:
+        log.warning(
+            "TOLLGATE_REDIS_URL is not set: using an IN-PROCESS store. Keys, limits, credits "
+            "and usage live in this process only and are lost when it exits. Set "
+            "TOLLGATE_REDIS_URL for anything but a demo."
+        )
+        return Store(embedded_client(), embedded=True)
+    common: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": 2.0,
+        "socket_connect_timeout": 2.0,
+        "health_check_interval": 30,
+    }
+    if settings.redis_cluster:
+        return Store(RedisCluster.from_url(settings.redis_url, **common), cluster=True)
+    client = aioredis.Redis.from_url(settings.redis_url, **common)
+    return Store(client)

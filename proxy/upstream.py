@@ -1,0 +1,87 @@
+"""The upstream hop: one shared httpx client over the aiohttp transport; httpx errors end here.
+
+The client's own credential never leaves: the operator's upstream key is sent instead.
+"""
+
+from __future__ import annotations
+
+import httpx
+from httpx_aiohttp import AiohttpTransport
+
+from proxy.config import Settings
+from proxy.errors import UpstreamFailed
+
+# Request headers that describe this hop or the client's credential, never forwarded.
+_DROP_REQUEST = frozenset(
+    {
+        "host", "connection", "keep-alive", "proxy-authorization", "proxy-connection", "te",
+        "trailer", "transfer-encoding", "upgrade", "content-length", "authorization",
+        "api-key", "x-api-key", "cookie", "accept-encoding", "expect",
+    }
+)  # fmt: skip
+# Response headers that describe the upstream hop or the operator's own upstream quota.
+_DROP_RESPONSE = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding",
+        "upgrade", "content-length", "content-encoding", "set-cookie", "server", "date",
+        "x-request-id", "retry-after", "retry-after-ms", "ratelimit", "ratelimit-policy",
+    }
+)  # fmt: skip
+
+
+def request_headers(
+    client_headers: list[tuple[bytes, bytes]], *, api_key: str | None, request_id: str
+) -> list[tuple[bytes, bytes]]:
+    out = [(k, v) for k, v in client_headers if k.decode("latin-1") not in _DROP_REQUEST]
+    out.append((b"accept-encoding", b"identity"))  # bytes are relayed as they come
+    out.append((b"x-request-id", request_id.encode()))
+    if api_key:
+        out.append((b"authorization", b"Bearer " + api_key.encode()))
+    return out
+
+
+def response_headers(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
+    return [
+        (k, v)
+        for k, v in upstream.headers.raw
+        if (name := k.decode("latin-1").lower()) not in _DROP_RESPONSE
+        and not name.startswith("x-ratelimit-")
+    ]
+
+
+class Upstream:
+    """Owns the one httpx.AsyncClient of this process (opened and closed by the lifespan)."""
+
+    def __init__(
+        self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.base_url = settings.upstream_url
+        self.api_key = settings.upstream_api_key
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        self.client = httpx.AsyncClient(
+            transport=transport or AiohttpTransport(limits=limits, trust_env=False),
+            timeout=httpx.Timeout(settings.upstream_timeout_s + 5),
+            trust_env=False,
+        )
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: list[tuple[bytes, bytes]],
+        content: bytes | None,
+        query: bytes = b"",
+    ) -> httpx.Response:
+        """Send and return as soon as the response head arrives (body still unread)."""
+        url = self.base_url + path + ("?" + query.decode("latin-1") if query else "")
+        request = self.client.build_request(method, url, headers=headers, content=content)
+        try:
+            return await self.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise UpstreamFailed(
+                f"Upstream unreachable: {type(exc).__name__}", reason="connect"
+            ) from exc
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,103 @@
+"""Request checks before anything goes upstream: each failure is a 400 naming its field."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from proxy.errors import InvalidRequest
+
+ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+_RANGES = (
+    ("temperature", 0.0, 2.0),
+    ("top_p", 0.0, 1.0),
+    ("frequency_penalty", -2.0, 2.0),
+    ("presence_penalty", -2.0, 2.0),
+)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Decode a request body; anything but a JSON object is a 400, never a 500."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("Request body is not valid UTF-8") from None
+    try:
+        body = json.loads(text)
+    except RecursionError:
+        raise InvalidRequest("Request body is nested too deeply") from None
+    except ValueError as exc:
+        raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("Request body must be a JSON object")
+    return body
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_message(index: int, message: object) -> None:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise InvalidRequest(f"{where} must be an object", param=where)
+    role = message.get("role")
+    if not isinstance(role, str) or role not in ROLES:
+        raise InvalidRequest(
+            f"{where}.role must be one of system, user, assistant, tool, developer",
+            param=f"{where}.role",
+        )
+    if "content" not in message or message["content"] is None:
+        if role == "assistant" and message.get("tool_calls"):
+            return
+        raise InvalidRequest(f"{where}.content is required", param=f"{where}.content")
+    content = message["content"]
+    if not isinstance(content, str | list):
+        raise InvalidRequest(
+            f"{where}.content must be a string or an array of content parts",
+            param=f"{where}.content",
+        )
+
+
+def validate_chat(body: dict[str, Any]) -> str:
+    """Check a chat completion request (SPEC §3); returns its model."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("You must specify a model to call", param="model")
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidRequest("messages must be an array of message objects", param="messages")
+    if not messages:
+        raise InvalidRequest("Messages array cannot be empty", param="messages")
+    for index, message in enumerate(messages):
+        _check_message(index, message)
+    for field, low, high in _RANGES:
+        value = body.get(field)
+        if value is not None and (not _is_number(value) or not low <= value <= high):
+            raise InvalidRequest(
+                f"{field} must be a number between {low:g} and {high:g}", param=field
+            )
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = body.get(field)
+        if value is not None and not _positive_int(value):
+            raise InvalidRequest(f"{field} must be a positive integer", param=field)
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, list):
+            if len(stop) > 4:
+                raise InvalidRequest("stop may hold at most 4 sequences", param="stop")
+            if not all(isinstance(s, str) for s in stop):
+                raise InvalidRequest("stop must be a string or an array of strings", param="stop")
+        elif not isinstance(stop, str):
+            raise InvalidRequest("stop must be a string or an array of strings", param="stop")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("stream must be a boolean", param="stream")
+    n = body.get("n")
+    if n is not None and not _positive_int(n):
+        raise InvalidRequest("n must be a positive integer", param="n")
+    return model

@@ -1,0 +1,197 @@
+"""Real servers for integration tests: redis-server, a Redis Cluster and `tollgate serve`.
+
+Each listens on a free loopback port, lives in a temporary directory and is stopped by its
+context manager, so a failing test never leaves a process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for(check: object, *, timeout_s: float = 15.0, what: str = "condition") -> None:
+    """Poll `check()` until it returns truthy; fail loudly after `timeout_s`."""
+    assert callable(check)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (OSError, httpx.HTTPError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port; can be stopped and started again."""
+
+    def __init__(self, *, port: int | None = None, cluster: bool = False) -> None:
+        self.port = port or free_port()
+        self.cluster = cluster
+        self.dir = Path(tempfile.mkdtemp(prefix="tollgate-redis-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = [
+            shutil.which("redis-server") or "redis-server",
+            "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
+            "--save", "", "--appendonly", "no", "--protected-mode", "no",
+        ]  # fmt: skip
+        if self.cluster:
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _port_open(self.port), what=f"redis-server on {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args], capture_output=True, check=True, text=True
+        )
+        return out.stdout.strip()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@contextmanager
+def redis_cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
+    """A real Redis Cluster of `masters` nodes (no replicas) on loopback."""
+    nodes = [RedisServer(cluster=True) for _ in range(masters)]
+    try:
+        for node in nodes:
+            node.start()
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, check=True, timeout=60,
+        )  # fmt: skip
+        wait_for(
+            lambda: all("cluster_state:ok" in n.cli("cluster", "info") for n in nodes),
+            timeout_s=30,
+            what="cluster_state:ok",
+        )
+        yield nodes
+    finally:
+        for node in nodes:
+            node.cleanup()
+
+
+class ProxyServer:
+    """`tollgate serve` (or any tollgate command line) as a real subprocess."""
+
+    def __init__(self, *, env: Mapping[str, str], args: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.env = {**os.environ, **env}
+        # "{port}" in `args` is replaced by the free port chosen here.
+        template = args or ["serve", "--host", "127.0.0.1", "--port", "{port}"]
+        self.args = [a.replace("{port}", str(self.port)) for a in template]
+        fd, log_path = tempfile.mkstemp(prefix="tollgate-log-", suffix=".txt")
+        self.log = os.fdopen(fd, "wb")
+        self.log_path = Path(log_path)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, ready_path: str = "/healthz") -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", *self.args],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tollgate exited early:\n{self.output()}")
+            return httpx.get(self.url + ready_path, timeout=1).status_code == 200
+
+        wait_for(ready, timeout_s=30, what="tollgate to answer")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        os.killpg(self.process.pid, signum)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self.process = None
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@contextmanager
+def proxy_server(
+    *, env: Mapping[str, str], args: list[str] | None = None, ready_path: str = "/healthz"
+) -> Iterator[ProxyServer]:
+    server = ProxyServer(env=env, args=args)
+    server.start(ready_path=ready_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+        server.log.close()
+        server.log_path.unlink(missing_ok=True)
