@@ -195,3 +195,20 @@ def proxy_server(
         server.stop()
         server.log.close()
         server.log_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def mock_upstream_server() -> Iterator[str]:
+    """The built-in mock upstream as a real uvicorn process; yields its base URL (…/v1)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "proxy.mock_upstream:create_mock_upstream",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: _port_open(port), what="mock upstream")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.kill()
+        process.wait(timeout=10)
