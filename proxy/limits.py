@@ -97,12 +97,10 @@ class Limiter:
         completion_tokens: int,
         cost_micros: int,
         record_json: str,
-        now_ms: int | None = None,
     ) -> bool:
         """Release the request's slot and reservation, charge it, append its usage record."""
         args = [
             request_id,
-            "" if now_ms is None else now_ms,
             prompt_tokens + completion_tokens,
             cost_micros,
             day,

@@ -100,3 +100,21 @@ def harness_factory(mock_state: MockState) -> Any:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def real_redis() -> Iterator[Any]:
+    """One real redis-server for the whole run (tests use their own key ids)."""
+    from tests.servers import redis_server
+
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def real_cluster() -> Iterator[Any]:
+    """One real 3-master Redis Cluster for the whole run."""
+    from tests.servers import redis_cluster
+
+    with redis_cluster() as nodes:
+        yield nodes

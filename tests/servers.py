@@ -30,6 +30,19 @@ def free_port() -> int:
         return port
 
 
+def free_cluster_port() -> int:
+    """A free port that Redis Cluster accepts: at most 55535, with port + 10000 free too."""
+    for _ in range(200):
+        port = free_port()
+        if port <= 55535 and not _port_open(port + 10000):
+            return port
+        with socket.socket() as sock:
+            candidate = 20000 + (port % 30000)
+            if sock.connect_ex(("127.0.0.1", candidate)) != 0 and not _port_open(candidate + 10000):
+                return candidate
+    raise RuntimeError("no free port for a Redis Cluster node")
+
+
 def wait_for(check: object, *, timeout_s: float = 15.0, what: str = "condition") -> None:
     """Poll `check()` until it returns truthy; fail loudly after `timeout_s`."""
     assert callable(check)
@@ -54,7 +67,7 @@ class RedisServer:
     """A real redis-server on a free loopback port; can be stopped and started again."""
 
     def __init__(self, *, port: int | None = None, cluster: bool = False) -> None:
-        self.port = port or free_port()
+        self.port = port or (free_cluster_port() if cluster else free_port())
         self.cluster = cluster
         self.dir = Path(tempfile.mkdtemp(prefix="tollgate-redis-"))
         self.process: subprocess.Popen[bytes] | None = None

@@ -9,31 +9,29 @@
 -- KEYS[6]  aggregates hash     tollgate:agg:{id}         "<day>|<model>|<counter>" -> integer
 -- KEYS[7]  settled zset        tollgate:settled:{id}     request id -> settle time (ms)
 -- ARGV[1]  request id
--- ARGV[2]  now in ms, or "" to use the Redis clock
--- ARGV[3]  tokens actually used (prompt + completion)
--- ARGV[4]  cost actually incurred, micro-dollars
--- ARGV[5]  day of the request, YYYY-MM-DD (UTC)
--- ARGV[6]  model (as metered)
--- ARGV[7]  prompt tokens
--- ARGV[8]  completion tokens
--- ARGV[9]  raw-record retention in ms (older stream entries are trimmed)
--- ARGV[10] the usage record, JSON
+-- ARGV[2]  tokens actually used (prompt + completion)
+-- ARGV[3]  cost actually incurred, micro-dollars
+-- ARGV[4]  day of the request, YYYY-MM-DD (UTC)
+-- ARGV[5]  model (as metered)
+-- ARGV[6]  prompt tokens
+-- ARGV[7]  completion tokens
+-- ARGV[8]  raw-record retention in ms (older stream entries are trimmed)
+-- ARGV[9]  the usage record, JSON
 --
+-- The stream and the settled set use the Redis clock: records are ordered and retained by
+-- the time they were recorded.
 -- Returns 1 when settled now, 0 when this request id was settled before.
 
 local record_key, bucket_key, inflight_key, reserved_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local usage_key, agg_key, settled_key = KEYS[5], KEYS[6], KEYS[7]
 local request_id = ARGV[1]
-local used_tokens, cost_micros = tonumber(ARGV[3]), tonumber(ARGV[4])
-local day, model = ARGV[5], ARGV[6]
-local prompt_tokens, completion_tokens = tonumber(ARGV[7]), tonumber(ARGV[8])
-local retention_ms = tonumber(ARGV[9])
+local used_tokens, cost_micros = tonumber(ARGV[2]), tonumber(ARGV[3])
+local day, model = ARGV[4], ARGV[5]
+local prompt_tokens, completion_tokens = tonumber(ARGV[6]), tonumber(ARGV[7])
+local retention_ms = tonumber(ARGV[8])
 
-local now = tonumber(ARGV[2])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
 if redis.call('ZSCORE', settled_key, request_id) then
   return 0
@@ -63,7 +61,7 @@ if rec[1] and cost_micros ~= 0 then
   redis.call('HINCRBY', record_key, 'credits', -cost_micros)
 end
 
-redis.call('XADD', usage_key, 'MINID', '~', now - retention_ms, '*', 'r', ARGV[10])
+redis.call('XADD', usage_key, 'MINID', '~', now - retention_ms, '*', 'r', ARGV[9])
 local prefix = day .. '|' .. model .. '|'
 redis.call('HINCRBY', agg_key, prefix .. 'requests', 1)
 redis.call('HINCRBY', agg_key, prefix .. 'prompt_tokens', prompt_tokens)
