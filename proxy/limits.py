@@ -73,7 +73,7 @@ class Limiter:
         now_ms: int | None = None,
     ) -> Decision:
         """cost_micros None means the model has no price (refused for keys with a balance)."""
-        args = [
+        args: list[str | int] = [
             presented.key_hash,
             request_id,
             "" if now_ms is None else now_ms,
@@ -99,7 +99,7 @@ class Limiter:
         record_json: str,
     ) -> bool:
         """Release the request's slot and reservation, charge it, append its usage record."""
-        args = [
+        args: list[str | int] = [
             request_id,
             prompt_tokens + completion_tokens,
             cost_micros,
