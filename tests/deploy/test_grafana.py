@@ -1,0 +1,107 @@
+"""The Grafana dashboard: every query reads SPEC metrics, every variable is used, every
+SPEC metric is shown, and the dashboard finds its provisioned datasource."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from tests.deploy.files import DASHBOARD, GRAFANA, load_json, load_yaml
+from tests.deploy.promql import SPEC_METRICS, contract_name, metric_names, problems
+
+
+def _dashboard() -> dict[str, Any]:
+    dashboard: dict[str, Any] = load_json(DASHBOARD)
+    return dashboard
+
+
+def _panels() -> list[dict[str, Any]]:
+    """Every panel, including those nested in collapsed rows."""
+    found = []
+    for panel in _dashboard()["panels"]:
+        found.append(panel)
+        found.extend(panel.get("panels", []))
+    return found
+
+
+def _queries() -> dict[str, list[str]]:
+    """Panel title -> its PromQL expressions."""
+    return {
+        panel["title"]: [target["expr"] for target in panel["targets"]]
+        for panel in _panels()
+        if panel["type"] != "row"
+    }
+
+
+def _exprs() -> list[str]:
+    return [expr for exprs in _queries().values() for expr in exprs]
+
+
+def _datasource_uid() -> str:
+    (datasource,) = load_yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")[
+        "datasources"
+    ]
+    assert datasource["type"] == "prometheus"
+    uid: str = datasource["uid"]
+    return uid
+
+
+def test_every_query_uses_only_spec_metrics_and_labels() -> None:
+    for title, exprs in _queries().items():
+        assert exprs, f"panel {title!r} has no query"
+        for expr in exprs:
+            assert problems(expr) == [], f"{title}: {expr}"
+
+
+def test_every_spec_metric_is_on_the_dashboard() -> None:
+    shown = {contract_name(metric) for expr in _exprs() for metric in metric_names(expr)}
+    assert set(SPEC_METRICS) - shown == set()
+
+
+def test_variables_query_spec_labels_and_are_all_used() -> None:
+    variables = _dashboard()["templating"]["list"]
+    assert {v["name"] for v in variables} == {"key", "model"}
+    all_exprs = " ".join(_exprs())
+    for variable in variables:
+        name = variable["name"]
+        match = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["definition"])
+        assert match and match.group(2) == name, variable["definition"]
+        assert name in SPEC_METRICS[match.group(1)]
+        # ".*" also matches series without the label (TOLLGATE_METRICS_KEY_LABEL=false).
+        assert variable["includeAll"] and variable["allValue"] == ".*"
+        assert re.search(rf"\$(?:{name}\b|\{{{name}\}})", all_exprs), f"${name} is never used"
+
+
+def test_latency_panels_show_p50_p95_p99_from_the_histograms() -> None:
+    for histogram in ("tollgate_request_duration_seconds", "tollgate_upstream_ttft_seconds"):
+        exprs = " ".join(e for e in _exprs() if f"{histogram}_bucket" in e)
+        quantiles = set(re.findall(r"histogram_quantile\(([\d.]+),", exprs))
+        assert quantiles == {"0.5", "0.95", "0.99"}, histogram
+
+
+def test_panels_use_the_provisioned_datasource() -> None:
+    uid = _datasource_uid()
+    assert "${DS_" not in DASHBOARD.read_text()
+    for panel in _panels():
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == uid, panel["title"]
+        assert all(t["datasource"]["uid"] == uid for t in panel["targets"]), panel["title"]
+    for variable in _dashboard()["templating"]["list"]:
+        assert variable["datasource"]["uid"] == uid
+
+
+def test_panels_have_unique_ids_and_fit_the_grid() -> None:
+    panels = _panels()
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids))
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+    assert _dashboard()["uid"] == "tollgate"
+
+
+def test_dashboard_provider_is_a_file_provider() -> None:
+    (provider,) = load_yaml(GRAFANA / "provisioning" / "dashboards" / "tollgate.yml")["providers"]
+    assert provider["type"] == "file"
+    assert provider["options"]["path"].startswith("/")
