@@ -7,6 +7,8 @@ constant time. The CLI performs the same operations through `parse_key_fields`.
 from __future__ import annotations
 
 import hmac
+import json
+import math
 from typing import Any
 
 from starlette.requests import Request
@@ -18,19 +20,29 @@ from proxy.errors import AuthenticationFailed, InvalidRequest, NotFound
 from proxy.gateway import Gateway
 from proxy.keys import LIMIT_FIELDS
 from proxy.usage import BadTime, default_window, export, key_usage, parse_time
-from proxy.validation import parse_json_object
+from proxy.validation import is_utf8, parse_json_object
+
+# Limits stay far below 2**53, where the Lua scripts' numbers would stop being exact.
+MAX_LIMIT = 10**12
 
 
 def _nonneg_int(field: str, value: object) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidRequest(f"{field} must be a non-negative integer or null", param=field)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LIMIT:
+        raise InvalidRequest(
+            f"{field} must be an integer from 0 to {MAX_LIMIT}, or null", param=field
+        )
     return value
 
 
 def _usd(field: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or abs(value) > 1e12:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or abs(value) > 1e12
+    ):
         raise InvalidRequest(f"{field} must be a number of USD", param=field)
     return usd_to_micros(value)
 
@@ -93,7 +105,10 @@ def _found(record: dict[str, Any] | None, key_id: str) -> dict[str, Any]:
 
 
 async def _payload(request: Request) -> dict[str, Any]:
-    return parse_json_object(await request.body())
+    payload = parse_json_object(await request.body())
+    if not is_utf8(json.dumps(payload, ensure_ascii=False)):
+        raise InvalidRequest("Request body holds text that is not valid Unicode (a lone surrogate)")
+    return payload
 
 
 async def create_key(request: Request) -> Response:

@@ -36,7 +36,7 @@ from proxy.metering import (
 from proxy.relay import Admitted, Exchange, RelayResponse
 from proxy.store import StoreDown
 from proxy.upstream import request_headers, response_headers
-from proxy.validation import parse_json_object, validate_chat
+from proxy.validation import is_utf8, parse_json_object, validate_chat
 
 _USAGE_OPTION = b'"stream_options":{"include_usage":true},'
 _LIMIT_MESSAGES = {
@@ -140,10 +140,10 @@ async def admit(
 
 def _with_usage_option(raw: bytes, body: dict[str, Any]) -> bytes:
     """Ask a streaming upstream for its final usage chunk, changing nothing else."""
-    options = body.get("stream_options")
-    if options is None:
+    if "stream_options" not in body:
         start = raw.index(b"{") + 1
         return raw[:start] + _USAGE_OPTION + raw[start:]
+    options = body.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
         return raw
     body["stream_options"] = {
@@ -315,7 +315,7 @@ async def passthrough(request: Request) -> Response:
     raw = await read_body(request, settings.max_body_bytes)
     body = _json_or_none(raw) if raw else None
     model = body.get("model") if body is not None else None
-    model = model if isinstance(model, str) and model else "-"
+    model = model if isinstance(model, str) and model and is_utf8(model) else "-"
     decision = await admit(
         gateway, presented, request_id=request_id, model=model, token_estimate=0, cost_micros=0
     )

@@ -4,7 +4,7 @@ It answers chat completions (JSON or SSE with a final usage chunk), tool calls a
 Some model names ask for misbehaviour, so operators can watch Tollgate handle it:
 `mock-slow` (0.2 s between chunks), `mock-hang` (never answers), `mock-error` (500),
 `mock-bad-json` (200 that is not JSON), `mock-drop` (stream cut mid-way), `mock-no-usage`
-(stream without usage), `mock-gated` (each chunk waits for POST /_mock/release).
+(stream without usage), `mock-gated` (each chunk waits for POST /_mock/release); GET /_mock/requests shows what it received.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class MockState:
         self.requests: list[dict[str, Any]] = []
         self.gate = asyncio.Semaphore(0)
         self.open_streams = 0
+        self.max_open_streams = 0
 
 
 def _words(reply: str) -> list[str]:
@@ -129,7 +130,18 @@ def create_mock_upstream(state: MockState | None = None) -> Starlette:
         return JSONResponse({"released": count})
 
     async def seen(request: Request) -> Response:
-        return JSONResponse({"requests": state.requests, "open_streams": state.open_streams})
+        return JSONResponse(
+            {
+                "requests": state.requests,
+                "open_streams": state.open_streams,
+                "max_open_streams": state.max_open_streams,
+            }
+        )
+
+    async def reset(request: Request) -> Response:
+        state.requests.clear()
+        state.max_open_streams = state.open_streams
+        return JSONResponse({"reset": True})
 
     routes = []
     for prefix in ("", "/v1"):
@@ -141,6 +153,7 @@ def create_mock_upstream(state: MockState | None = None) -> Starlette:
     routes += [
         Route("/_mock/release", release, methods=["POST"]),
         Route("/_mock/requests", seen, methods=["GET"]),
+        Route("/_mock/reset", reset, methods=["POST"]),
     ]
     app = Starlette(routes=routes)
     app.state.mock = state
@@ -161,6 +174,7 @@ async def _stream(
     base = {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()),
             "model": model}  # fmt: skip
     state.open_streams += 1
+    state.max_open_streams = max(state.max_open_streams, state.open_streams)
     try:
         opening = {"role": "assistant", "content": ""}
         yield _event({**base, "choices": [{"index": 0, "delta": opening, "finish_reason": None}]})

@@ -17,6 +17,7 @@ _DROP_REQUEST = frozenset(
         "host", "connection", "keep-alive", "proxy-authorization", "proxy-connection", "te",
         "trailer", "transfer-encoding", "upgrade", "content-length", "authorization",
         "api-key", "x-api-key", "cookie", "accept-encoding", "expect",
+        "x-request-id",  # replaced by the request's own id (the client's only if it is sane)
     }
 )  # fmt: skip
 # Response headers that describe the upstream hop or the operator's own upstream quota.
@@ -32,7 +33,14 @@ _DROP_RESPONSE = frozenset(
 def request_headers(
     client_headers: list[tuple[bytes, bytes]], *, api_key: str | None, request_id: str
 ) -> list[tuple[bytes, bytes]]:
-    out = [(k, v) for k, v in client_headers if k.decode("latin-1") not in _DROP_REQUEST]
+    # Hop-by-hop also covers every header the client's Connection header names (RFC 9110 7.6.1).
+    drop = _DROP_REQUEST.union(
+        token.strip().lower()
+        for k, v in client_headers
+        if k.lower() == b"connection"
+        for token in v.decode("latin-1").split(",")
+    )
+    out = [(k, v) for k, v in client_headers if k.decode("latin-1").lower() not in drop]
     out.append((b"accept-encoding", b"identity"))  # bytes are relayed as they come
     out.append((b"x-request-id", request_id.encode()))
     if api_key:

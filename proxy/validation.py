@@ -14,6 +14,9 @@ _RANGES = (
     ("frequency_penalty", -2.0, 2.0),
     ("presence_penalty", -2.0, 2.0),
 )
+# OpenAI's upper bounds; they also keep token estimates and costs exact in the Lua scripts.
+MAX_TOKENS = 2**31 - 1
+MAX_CHOICES = 128
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -33,12 +36,22 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def is_utf8(text: str) -> bool:
+    """False for strings JSON can carry but UTF-8 cannot (lone surrogates such as "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+def _positive_int(value: object, maximum: int = MAX_TOKENS) -> bool:
+    """A positive integer no larger than `maximum` (OpenAI's own upper bounds)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= maximum
 
 
 def _check_message(index: int, message: object) -> None:
@@ -68,6 +81,8 @@ def validate_chat(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise InvalidRequest("You must specify a model to call", param="model")
+    if not is_utf8(model):
+        raise InvalidRequest("model must be valid Unicode text", param="model")
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise InvalidRequest("messages must be an array of message objects", param="messages")
@@ -84,7 +99,9 @@ def validate_chat(body: dict[str, Any]) -> str:
     for field in ("max_tokens", "max_completion_tokens"):
         value = body.get(field)
         if value is not None and not _positive_int(value):
-            raise InvalidRequest(f"{field} must be a positive integer", param=field)
+            raise InvalidRequest(
+                f"{field} must be a positive integer of at most {MAX_TOKENS}", param=field
+            )
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, list):
@@ -98,6 +115,6 @@ def validate_chat(body: dict[str, Any]) -> str:
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("stream must be a boolean", param="stream")
     n = body.get("n")
-    if n is not None and not _positive_int(n):
-        raise InvalidRequest("n must be a positive integer", param="n")
+    if n is not None and not _positive_int(n, MAX_CHOICES):
+        raise InvalidRequest(f"n must be a positive integer of at most {MAX_CHOICES}", param="n")
     return model

@@ -66,9 +66,12 @@ def _port_open(port: int) -> bool:
 class RedisServer:
     """A real redis-server on a free loopback port; can be stopped and started again."""
 
-    def __init__(self, *, port: int | None = None, cluster: bool = False) -> None:
+    def __init__(
+        self, *, port: int | None = None, cluster: bool = False, persistent: bool = False
+    ) -> None:
         self.port = port or (free_cluster_port() if cluster else free_port())
         self.cluster = cluster
+        self.persistent = persistent  # AOF with fsync on every write, to survive a restart
         self.dir = Path(tempfile.mkdtemp(prefix="tollgate-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -80,7 +83,8 @@ class RedisServer:
         args = [
             shutil.which("redis-server") or "redis-server",
             "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
-            "--save", "", "--appendonly", "no", "--protected-mode", "no",
+            "--save", "", "--protected-mode", "no",
+            "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
         ]  # fmt: skip
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
