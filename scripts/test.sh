@@ -3,22 +3,15 @@
 # lint (ruff), types (mypy --strict) and pytest (unit + integration on real Redis/Prometheus).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/venv.sh test
 
 need=()
 for pair in redis-server:redis-server redis-cli:redis-tools prometheus:prometheus promtool:prometheus; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
-if [ ${#need[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+[ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
 # Debian starts the packaged services; the tests run their own on free loopback ports.
 if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server prometheus >/dev/null 2>&1 || true; fi
-
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[test]'
 
 .venv/bin/ruff check proxy tests
 .venv/bin/ruff format --check proxy tests

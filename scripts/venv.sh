@@ -1,0 +1,16 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: makes .venv with Tollgate installed.
+# Usage: . scripts/venv.sh [EXTRAS]   (EXTRAS e.g. "test")
+set -euo pipefail
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+apt_install() {
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@"
+}
+if ! python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
+  echo "Tollgate needs Python 3.11 or newer as python3" >&2; exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv 2>/dev/null || { rm -rf .venv; apt_install python3-venv; python3 -m venv .venv; }
+fi
+.venv/bin/pip install -q --upgrade pip
+if [ -n "${1:-}" ]; then .venv/bin/pip install -q -e ".[$1]"; else .venv/bin/pip install -q -e .; fi
