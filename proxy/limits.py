@@ -116,13 +116,13 @@ class Limiter:
 
 
 def format_duration(ms: int) -> str:
-    """OpenAI's reset format: `250ms`, `1s`, `6m0s`, `1h2m3s`."""
+    """OpenAI's reset format: `250ms`, `1s`, `1.5s`, `6m0s`, `1h2m3s`; never shorter than `ms`."""
     if ms < 1000:
         return f"{max(ms, 0)}ms"
-    seconds = ms / 1000
-    if seconds < 60:
-        return f"{seconds:.3g}s" if seconds != int(seconds) else f"{int(seconds)}s"
-    total = math.ceil(seconds)
+    if ms < 60_000:
+        seconds, rest = divmod(ms, 1000)
+        return f"{seconds}s" if not rest else f"{seconds}.{rest:03d}".rstrip("0") + "s"
+    total = math.ceil(ms / 1000)
     hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"

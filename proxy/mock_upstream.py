@@ -4,7 +4,8 @@ It answers chat completions (JSON or SSE with a final usage chunk), tool calls a
 Some model names ask for misbehaviour, so operators can watch Tollgate handle it:
 `mock-slow` (0.2 s between chunks), `mock-hang` (never answers), `mock-error` (500),
 `mock-bad-json` (200 that is not JSON), `mock-drop` (stream cut mid-way), `mock-no-usage`
-(stream without usage), `mock-gated` (each chunk waits for POST /_mock/release); GET /_mock/requests shows what it received.
+(stream without usage), `mock-gated` (each chunk waits for POST /_mock/release).
+GET /_mock/requests shows what it received; POST /_mock/reset forgets it.
 """
 
 from __future__ import annotations

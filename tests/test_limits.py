@@ -15,7 +15,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from proxy import store as keys_of
 from proxy.keys import Keyring, PresentedKey, parse_key
-from proxy.limits import Decision, Limiter, format_duration, rate_limit_headers
+from proxy.limits import Decision, Limiter, rate_limit_headers
 from proxy.store import Store, embedded_client
 
 T0 = 1_800_000_000_000  # a fixed "now" in ms
@@ -283,12 +283,3 @@ def test_headers_follow_openai_names_and_formats() -> None:
 def test_dimension_without_limit_sends_no_headers() -> None:
     headers = rate_limit_headers(Decision(verdict="ok", rpm=None, tpm=None))
     assert headers == []
-
-
-@pytest.mark.parametrize(
-    ("ms", "text"),
-    [(0, "0ms"), (250, "250ms"), (1000, "1s"), (1500, "1.5s"), (59_999, "60s"), (360_000, "6m0s"),
-     (3_723_000, "1h2m3s")],
-)  # fmt: skip
-def test_format_duration(ms: int, text: str) -> None:
-    assert format_duration(ms) == text

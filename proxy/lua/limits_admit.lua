@@ -90,15 +90,15 @@ end
 if verdict == 'ok' then
   if rpm then
     requests_level = requests_level - 1
-    redis.call('HSET', bucket_key, 'r', tostring(requests_level), 'rt', now)
+    redis.call('HSET', bucket_key, 'r', string.format('%.17g', requests_level), 'rt', now)
   end
   if tpm then
     tokens_level = tokens_level - token_estimate
-    redis.call('HSET', bucket_key, 't', tostring(tokens_level), 'tt', now)
+    redis.call('HSET', bucket_key, 't', string.format('%.17g', tokens_level), 'tt', now)
   end
   redis.call('ZADD', inflight_key, now + lease_ms, request_id)
-  redis.call('HSET', reserved_key, request_id,
-    (credits and cost_micros or 0) .. ':' .. token_estimate .. ':' .. model)
+  redis.call('HSET', reserved_key, request_id, string.format('%d:%d:%s',
+    credits and cost_micros or 0, token_estimate, model))
   if credits then
     redis.call('HINCRBY', record_key, 'reserved', cost_micros)
   end

@@ -109,6 +109,8 @@ def test_fail_open_admits_known_keys_refuses_unknown_and_spools_usage(outage: Ou
     assert len(records) == 3  # each exactly once
     assert all(r["usage_source"] == "upstream" and r["total_tokens"] > 0 for r in records)
     wait_for(
-        lambda: "tollgate_spooled_usage_records 0.0" in httpx.get(outage.open.url + "/metrics").text,
+        lambda: (
+            "tollgate_spooled_usage_records 0.0" in httpx.get(outage.open.url + "/metrics").text
+        ),
         what="the spool gauge to drain",
     )

@@ -1,0 +1,934 @@
+"""The client-facing HTTP API of SPEC §3: auth, paths, headers, pass-through, upstream failures,
+models, other /v1 paths, health and metrics, and bad input that must never become a 500."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from proxy.app import create_app
+from proxy.config import Settings
+from proxy.errors import UpstreamTimeout
+from proxy.store import Store, embedded_client
+from tests.conftest import ADMIN_TOKEN, Harness
+
+HarnessFactory = Callable[..., AbstractContextManager[Harness]]
+CHAT_ALIASES = [
+    "/v1/chat/completions",
+    "/chat/completions",
+    "/api/chat/completions",
+    "/api/v1/chat/completions",
+    "/api/ai/chat/completions",
+]
+HELLO: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+GENERATED_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@pytest.fixture
+def key(harness: Harness) -> str:
+    secret: str = harness.create_key(name="endpoints")["key"]
+    return secret
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def assert_error(
+    response: httpx.Response, status: int, error_type: str, code: str | None = None
+) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["x-request-id"]
+    error: dict[str, Any] = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == error_type
+    assert error["code"] == code
+    assert error["message"]
+    return error
+
+
+def assert_auth_failed(response: httpx.Response) -> None:
+    assert_error(response, 401, "authentication_error", "invalid_api_key")
+    assert response.headers["x-should-retry"] == "false"
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@contextmanager
+def app_client(
+    settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+) -> Iterator[TestClient]:
+    """The app on its own store, with a given upstream transport (None: the real one)."""
+    app = create_app(settings, store=Store(embedded_client(), embedded=True), transport=transport)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+def new_key(client: TestClient, **fields: Any) -> str:
+    response = client.post("/admin/keys", json={"name": "custom", **fields}, headers=ADMIN)
+    assert response.status_code == 201, response.text
+    secret: str = response.json()["key"]
+    return secret
+
+
+def completion(usage: bool = True) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "gpt-4o-mini",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}
+        ],
+    }
+    if usage:
+        answer["usage"] = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    return answer
+
+
+def key_usage(harness: Harness, key_id: str) -> dict[str, Any]:
+    response = harness.admin("GET", f"/admin/keys/{key_id}/usage?group_by=model")
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def exported(harness: Harness) -> list[dict[str, Any]]:
+    response = harness.admin("GET", "/admin/usage/export")
+    assert response.status_code == 200, response.text
+    return [json.loads(line) for line in response.text.splitlines() if line]
+
+
+# --- authentication ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({}, id="missing"),
+        pytest.param({"authorization": ""}, id="empty"),
+        pytest.param({"authorization": "Bearer"}, id="no-token"),
+        pytest.param({"authorization": "Bearer "}, id="blank-token"),
+        pytest.param({"authorization": "Basic dXNlcjpwYXNz"}, id="basic"),
+        pytest.param({"authorization": "Token sk-tg-0123456789abcdef_" + "a" * 43}, id="token"),
+        pytest.param({"api-key": "sk-tg-0123456789abcdef_" + "a" * 43}, id="azure-header"),
+    ],
+)
+def test_missing_or_non_bearer_authorization_is_401(
+    harness: Harness, headers: dict[str, str]
+) -> None:
+    response = harness.client.post("/v1/chat/completions", json=HELLO, headers=headers)
+    assert_auth_failed(response)
+    assert harness.mock.requests == []
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param("sk-1234567890abcdef1234567890abcdef", id="openai-style"),
+        pytest.param("sk-tg-", id="prefix-only"),
+        pytest.param("sk-tg-0123456789abcdef_short", id="short-secret"),
+        pytest.param("sk-tg-0123456789ABCDEF_" + "a" * 43, id="uppercase-id"),
+        pytest.param("sk-tg-0123456789abcdef_" + "a" * 42 + "!", id="bad-character"),
+        pytest.param("sk-tg-0123456789abcdef" + "a" * 43, id="no-separator"),
+        pytest.param("sk-tg-0123456789abcdef_" + "a" * 500, id="too-long"),
+    ],
+)
+def test_malformed_key_is_401(harness: Harness, token: str) -> None:
+    assert_auth_failed(harness.chat(token))
+    assert harness.mock.requests == []
+
+
+def test_non_ascii_authorization_is_401(harness: Harness) -> None:
+    headers = [(b"authorization", "Bearer sk-tg-\u00e9\u00e9\u00e9".encode("latin-1"))]
+    response = harness.client.post("/v1/chat/completions", json=HELLO, headers=headers)
+    assert_auth_failed(response)
+
+
+def test_unknown_key_id_is_401(harness: Harness) -> None:
+    harness.create_key()
+    assert_auth_failed(harness.chat("sk-tg-0123456789abcdef_" + "A" * 43))
+    assert harness.mock.requests == []
+
+
+def test_right_id_with_wrong_secret_is_401(harness: Harness) -> None:
+    record = harness.create_key()
+    forged = f"sk-tg-{record['id']}_" + "x" * 43
+    assert forged != record["key"]
+    assert_auth_failed(harness.chat(forged))
+    assert harness.mock.requests == []
+    assert harness.chat(record["key"]).status_code == 200
+
+
+def test_revoked_key_is_401_on_its_next_request(harness: Harness) -> None:
+    record = harness.create_key()
+    assert harness.chat(record["key"]).status_code == 200
+    assert harness.admin("DELETE", f"/admin/keys/{record['id']}").status_code == 200
+    assert_auth_failed(harness.chat(record["key"]))
+    assert_auth_failed(harness.client.get("/v1/models", headers=bearer(record["key"])))
+    assert len(harness.mock.requests) == 1
+
+
+def test_rotated_key_old_secret_fails_and_new_one_works(harness: Harness) -> None:
+    record = harness.create_key()
+    rotated = harness.admin("POST", f"/admin/keys/{record['id']}/rotate").json()
+    assert rotated["id"] == record["id"]
+    assert rotated["key"] != record["key"]
+    assert_auth_failed(harness.chat(record["key"]))
+    assert harness.chat(rotated["key"]).status_code == 200
+
+
+def test_lowercase_bearer_scheme_is_accepted(harness: Harness, key: str) -> None:
+    headers = {"authorization": f"bearer {key}"}
+    assert (
+        harness.client.post("/v1/chat/completions", json=HELLO, headers=headers).status_code == 200
+    )
+
+
+def test_model_outside_allowed_models_is_403(harness: Harness) -> None:
+    key = harness.create_key(allowed_models=["gpt-4o"])["key"]
+    response = harness.chat(key, HELLO)
+    error = assert_error(response, 403, "permission_error", "model_not_allowed")
+    assert error["param"] == "model"
+    assert "gpt-4o-mini" in error["message"]
+    assert response.headers["x-should-retry"] == "false"
+    assert harness.mock.requests == []
+    assert harness.chat(key, {**HELLO, "model": "gpt-4o"}).status_code == 200
+
+
+def test_model_allowed_by_prefix_only_is_403(harness: Harness) -> None:
+    key = harness.create_key(allowed_models=["gpt-4o-mini"])["key"]
+    for model in ("gpt-4o", "gpt-4o-mini-2", "gpt-4o-min"):
+        response = harness.chat(key, {**HELLO, "model": model})
+        assert_error(response, 403, "permission_error", "model_not_allowed")
+    assert harness.mock.requests == []
+
+
+# --- paths -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", CHAT_ALIASES)
+def test_every_chat_alias_answers_like_v1(harness: Harness, key: str, path: str) -> None:
+    response = harness.client.post(path, json=HELLO, headers=bearer(key))
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["object"] == "chat.completion"
+    assert answer["usage"]["total_tokens"] > 0
+    assert harness.mock.requests[-1]["path"] == "/v1/chat/completions"
+    assert harness.mock.requests[-1]["body"] == HELLO
+
+    invalid = harness.client.post(path, json={**HELLO, "messages": []}, headers=bearer(key))
+    reference = harness.client.post(
+        "/v1/chat/completions", json={**HELLO, "messages": []}, headers=bearer(key)
+    )
+    assert invalid.status_code == reference.status_code == 400
+    assert invalid.json() == reference.json()
+    assert_auth_failed(harness.client.post(path, json=HELLO))
+    assert len(harness.mock.requests) == 1
+
+
+@pytest.mark.parametrize("path", CHAT_ALIASES)
+def test_every_chat_alias_streams(harness: Harness, key: str, path: str) -> None:
+    response = harness.client.post(path, json={**HELLO, "stream": True}, headers=bearer(key))
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.text.rstrip().endswith("data: [DONE]")
+
+
+@pytest.mark.parametrize("prefix", ["/v1", "/api/v1"])
+def test_models_aliases_answer_alike(harness: Harness, key: str, prefix: str) -> None:
+    listing = harness.client.get(f"{prefix}/models", headers=bearer(key))
+    assert listing.status_code == 200
+    assert listing.json() == harness.client.get("/v1/models", headers=bearer(key)).json()
+    one = harness.client.get(f"{prefix}/models/gpt-4o", headers=bearer(key))
+    assert one.status_code == 200
+    assert one.json()["id"] == "gpt-4o"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/"),
+        ("GET", "/nope"),
+        ("POST", "/v2/chat/completions"),
+        ("POST", "/api/v2/chat/completions"),
+        ("GET", "/healthz/extra"),
+    ],
+)
+def test_unknown_path_is_404_json(harness: Harness, key: str, method: str, path: str) -> None:
+    response = harness.client.request(method, path, headers=bearer(key), json=HELLO)
+    assert_error(response, 404, "invalid_request_error", "not_found")
+    assert harness.mock.requests == []
+
+
+def test_wrong_method_is_405_json(harness: Harness) -> None:
+    response = harness.client.post("/healthz")
+    assert_error(response, 405, "invalid_request_error", "method_not_allowed")
+
+
+# --- request ids -------------------------------------------------------------------------------
+
+
+def test_request_id_sent_by_client_is_echoed_and_forwarded(harness: Harness, key: str) -> None:
+    response = harness.chat(key, HELLO, headers={"x-request-id": "client-req.42:abc"})
+    assert response.status_code == 200
+    assert response.headers.get_list("x-request-id") == ["client-req.42:abc"]
+    assert harness.mock.requests[-1]["headers"]["x-request-id"] == "client-req.42:abc"
+
+
+def test_request_id_generated_when_not_sent(harness: Harness, key: str) -> None:
+    first = harness.chat(key, HELLO)
+    second = harness.chat(key, HELLO)
+    assert GENERATED_ID.match(first.headers["x-request-id"])
+    assert first.headers["x-request-id"] != second.headers["x-request-id"]
+    assert harness.mock.requests[-1]["headers"]["x-request-id"] == second.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("sent", ["has space", "x" * 129, "semi;colon", "\u00e9t\u00e9"])
+def test_insane_client_request_id_is_replaced(harness: Harness, key: str, sent: str) -> None:
+    headers = [
+        (b"authorization", f"Bearer {key}".encode()),
+        (b"x-request-id", sent.encode("latin-1")),
+    ]
+    response = harness.client.post("/v1/chat/completions", json=HELLO, headers=headers)
+    assert response.status_code == 200
+    generated = response.headers["x-request-id"]
+    assert GENERATED_ID.match(generated)
+    upstream = harness.mock.requests[-1]["headers"]
+    assert upstream["x-request-id"] == generated
+
+
+def test_request_id_is_on_every_error(harness: Harness, key: str) -> None:
+    answers: list[Any] = [
+        harness.client.post("/v1/chat/completions", json=HELLO),
+        harness.chat(key, {"model": ""}),
+        harness.client.get("/nowhere"),
+        harness.client.post("/healthz"),
+        harness.chat(key, {**HELLO, "model": "mock-error"}),
+        harness.admin("GET", "/admin/keys/0123456789abcdef"),
+    ]
+    for response in answers:
+        assert response.status_code >= 400
+        assert GENERATED_ID.match(response.headers["x-request-id"]), response.status_code
+    sent = harness.client.post(
+        "/v1/chat/completions", json=HELLO, headers={"x-request-id": "mine-1"}
+    )
+    assert sent.status_code == 401
+    assert sent.headers["x-request-id"] == "mine-1"
+
+
+def test_unexpected_failure_is_a_500_without_internals_and_with_request_id(
+    settings: Settings,
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("internal detail: /etc/tollgate/secret.toml")
+
+    with app_client(settings, httpx.MockTransport(handler)) as client:
+        key = new_key(client)
+        response = client.post(
+            "/v1/chat/completions", json=HELLO, headers={**bearer(key), "x-request-id": "r-500"}
+        )
+        error = assert_error(response, 500, "server_error")
+        assert "secret" not in response.text
+        assert "RuntimeError" not in response.text
+        assert error["message"] == "The server had an error while processing your request"
+        assert response.headers["x-request-id"] == "r-500"
+
+
+def test_usage_record_carries_the_response_request_id(harness: Harness) -> None:
+    record = harness.create_key()
+    response = harness.chat(record["key"], HELLO, headers={"x-request-id": "trace-7"})
+    assert response.status_code == 200
+    generated = harness.chat(record["key"], HELLO)
+    ids = [r["request_id"] for r in exported(harness)]
+    assert ids == ["trace-7", generated.headers["x-request-id"]]
+
+
+# --- what goes upstream and what comes back ----------------------------------------------------
+
+
+def test_client_key_never_reaches_upstream(harness: Harness, key: str) -> None:
+    response = harness.chat(key, HELLO, headers={"x-api-key": key, "api-key": key})
+    assert response.status_code == 200
+    upstream = harness.mock.requests[-1]["headers"]
+    assert upstream["authorization"] == "Bearer sk-upstream-secret"
+    assert "x-api-key" not in upstream
+    assert "api-key" not in upstream
+    assert all(key not in value for value in upstream.values())
+
+
+def test_no_upstream_key_configured_sends_no_authorization(
+    harness_factory: HarnessFactory, settings: Settings
+) -> None:
+    with harness_factory(settings, upstream_api_key=None) as harness:
+        key = harness.create_key()["key"]
+        assert harness.chat(key, HELLO).status_code == 200
+        upstream = harness.mock.requests[-1]["headers"]
+        assert "authorization" not in upstream
+        assert all(key not in value for value in upstream.values())
+
+
+def test_hop_by_hop_headers_are_stripped(harness: Harness, key: str) -> None:
+    headers = {
+        "connection": "keep-alive, x-hop-secret",
+        "x-hop-secret": "for-this-hop-only",
+        "keep-alive": "timeout=5",
+        "te": "trailers",
+        "trailer": "x-checksum",
+        "upgrade": "h2c",
+        "proxy-authorization": "Basic cHJveHk6cGFzcw==",
+        "proxy-connection": "keep-alive",
+        "cookie": "session=abc",
+        "x-custom-header": "kept",
+        "openai-organization": "org-1",
+    }
+    response = harness.chat(key, HELLO, headers=headers)
+    assert response.status_code == 200, response.text
+    upstream = harness.mock.requests[-1]["headers"]
+    for name in (
+        "x-hop-secret",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+        "cookie",
+    ):
+        assert name not in upstream, name
+    assert "x-hop-secret" not in upstream.get("connection", "")
+    assert upstream["x-custom-header"] == "kept"
+    assert upstream["openai-organization"] == "org-1"
+    assert upstream["accept-encoding"] == "identity"
+
+
+def test_upstream_ratelimit_headers_are_replaced_by_tollgates(settings: Settings) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {
+            "x-ratelimit-limit-requests": "10000",
+            "x-ratelimit-remaining-requests": "9999",
+            "x-ratelimit-reset-requests": "6ms",
+            "x-ratelimit-limit-tokens": "30000000",
+            "x-ratelimit-remaining-tokens": "29999990",
+            "x-ratelimit-reset-tokens": "0s",
+            "ratelimit-policy": '"upstream";q=1;w=1',
+            "openai-processing-ms": "123",
+        }
+        return httpx.Response(200, json=completion(), headers=headers)
+
+    with app_client(settings, httpx.MockTransport(handler)) as client:
+        unlimited = client.post("/v1/chat/completions", json=HELLO, headers=bearer(new_key(client)))
+        assert unlimited.status_code == 200
+        assert not [h for h in unlimited.headers if h.startswith(("x-ratelimit-", "ratelimit"))]
+        assert unlimited.headers["openai-processing-ms"] == "123"
+
+        limited_key = new_key(client, rpm=60, tpm=100_000)
+        limited = client.post("/v1/chat/completions", json=HELLO, headers=bearer(limited_key))
+        assert limited.status_code == 200
+        assert limited.headers.get_list("x-ratelimit-limit-requests") == ["60"]
+        assert limited.headers.get_list("x-ratelimit-remaining-requests") == ["59"]
+        assert limited.headers.get_list("x-ratelimit-limit-tokens") == ["100000"]
+        assert '"upstream"' not in limited.headers["ratelimit-policy"]
+
+
+def test_upstream_response_body_comes_back_byte_for_byte(settings: Settings) -> None:
+    raw = (
+        b'{"id":"x",  "object":"chat.completion","choices":[],\n'
+        b'"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3},"z":"\\u00e9"}'
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=raw, headers={"content-type": "application/json"})
+
+    with app_client(settings, httpx.MockTransport(handler)) as client:
+        response = client.post("/v1/chat/completions", json=HELLO, headers=bearer(new_key(client)))
+        assert response.status_code == 200
+        assert response.content == raw
+
+
+def test_body_over_max_body_bytes_is_413(
+    harness_factory: HarnessFactory, settings: Settings
+) -> None:
+    with harness_factory(settings, max_body_bytes=1000) as harness:
+        key = harness.create_key()["key"]
+        body = {**HELLO, "messages": [{"role": "user", "content": "x" * 2000}]}
+        response = harness.chat(key, body)
+        error = assert_error(response, 413, "invalid_request_error", "request_too_large")
+        assert "1000" in error["message"]
+        assert harness.mock.requests == []
+
+
+def test_declared_length_over_max_body_bytes_is_413_before_reading(
+    harness_factory: HarnessFactory, settings: Settings
+) -> None:
+    with harness_factory(settings, max_body_bytes=1000) as harness:
+        key = harness.create_key()["key"]
+        headers = {**bearer(key), "content-length": str(10**9)}
+        response = harness.client.post(
+            "/v1/chat/completions", content=json.dumps(HELLO).encode(), headers=headers
+        )
+        assert_error(response, 413, "invalid_request_error", "request_too_large")
+        assert harness.mock.requests == []
+
+
+def test_chunked_body_over_max_body_bytes_is_413(
+    harness_factory: HarnessFactory, settings: Settings
+) -> None:
+    with harness_factory(settings, max_body_bytes=1000) as harness:
+        key = harness.create_key()["key"]
+
+        def chunks() -> Iterator[bytes]:
+            yield b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "'
+            for _ in range(20):
+                yield b"x" * 100
+            yield b'"}]}'
+
+        response = harness.client.post(
+            "/v1/chat/completions", content=chunks(), headers=bearer(key)
+        )
+        assert_error(response, 413, "invalid_request_error", "request_too_large")
+        assert harness.mock.requests == []
+
+
+def test_body_of_exactly_max_body_bytes_passes(
+    harness_factory: HarnessFactory, settings: Settings
+) -> None:
+    with harness_factory(settings, max_body_bytes=1000) as harness:
+        key = harness.create_key()["key"]
+        template = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"%s"}]}'
+        exact = (template % ("x" * (1000 - len(template % "")))).encode()
+        assert len(exact) == 1000
+        response = harness.client.post("/v1/chat/completions", content=exact, headers=bearer(key))
+        assert response.status_code == 200, response.text
+        over = exact.replace(b'"x', b'"xx', 1)
+        response = harness.client.post("/v1/chat/completions", content=over, headers=bearer(key))
+        assert_error(response, 413, "invalid_request_error", "request_too_large")
+
+
+def test_passthrough_body_over_max_body_bytes_is_413(
+    harness_factory: HarnessFactory, settings: Settings
+) -> None:
+    with harness_factory(settings, max_body_bytes=1000) as harness:
+        key = harness.create_key()["key"]
+        body = {"model": "text-embedding-3-small", "input": "x" * 2000}
+        response = harness.client.post("/v1/embeddings", json=body, headers=bearer(key))
+        assert_error(response, 413, "invalid_request_error", "request_too_large")
+        assert harness.mock.requests == []
+
+
+# --- upstream failures -------------------------------------------------------------------------
+
+
+def test_upstream_500_is_502(harness: Harness, key: str) -> None:
+    response = harness.chat(key, {**HELLO, "model": "mock-error"})
+    assert_error(response, 502, "upstream_error")
+    assert len(harness.mock.requests) == 1
+
+
+def test_upstream_500_on_stream_is_502(harness: Harness, key: str) -> None:
+    response = harness.chat(key, {**HELLO, "model": "mock-error", "stream": True})
+    assert_error(response, 502, "upstream_error")
+
+
+def test_upstream_200_that_is_not_json_is_502(harness: Harness, key: str) -> None:
+    response = harness.chat(key, {**HELLO, "model": "mock-bad-json"})
+    assert_error(response, 502, "upstream_error")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"[1, 2, 3]", b'"a string"', b"", b'{"truncated": '],
+)
+def test_upstream_200_that_is_not_a_json_object_is_502(settings: Settings, content: bytes) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=content, headers={"content-type": "application/json"})
+
+    with app_client(settings, httpx.MockTransport(handler)) as client:
+        response = client.post("/v1/chat/completions", json=HELLO, headers=bearer(new_key(client)))
+        assert_error(response, 502, "upstream_error")
+
+
+def test_upstream_json_answer_to_a_stream_request_is_502(settings: Settings) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=completion())
+
+    with app_client(settings, httpx.MockTransport(handler)) as client:
+        response = client.post(
+            "/v1/chat/completions", json={**HELLO, "stream": True}, headers=bearer(new_key(client))
+        )
+        assert_error(response, 502, "upstream_error")
+
+
+def test_upstream_404_is_passed_through_unchanged(harness: Harness, key: str) -> None:
+    response = harness.chat(key, {**HELLO, "model": "mock-not-found"})
+    assert response.status_code == 404
+    assert response.json() == {
+        "error": {
+            "message": "The model `mock-not-found` does not exist",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "model_not_found",
+        }
+    }
+    assert response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("status", [400, 401, 409, 422, 429])
+def test_upstream_4xx_is_passed_through_unchanged(settings: Settings, status: int) -> None:
+    raw = b'{"error": {"message": "upstream says no", "type": "x", "param": null, "code": "c"}}'
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, content=raw, headers={"content-type": "application/json"})
+
+    with app_client(settings, httpx.MockTransport(handler)) as client:
+        response = client.post("/v1/chat/completions", json=HELLO, headers=bearer(new_key(client)))
+        assert response.status_code == status
+        assert response.content == raw
+
+
+def test_upstream_timeout_is_504_naming_the_limit(
+    harness_factory: HarnessFactory, settings: Settings
+) -> None:
+    with harness_factory(settings, upstream_timeout_s=0.5) as harness:
+        record = harness.create_key()
+        response = harness.chat(record["key"], {**HELLO, "model": "mock-hang"})
+        error = assert_error(response, 504, "upstream_timeout", "upstream_timeout")
+        assert error["message"] == "Request timed out (0.5-second upstream limit)"
+        groups = key_usage(harness, record["id"])["groups"]
+        assert [(g["model"], g["requests"]) for g in groups] == [("mock-hang", 1)]
+        [usage_record] = exported(harness)
+        assert usage_record["status"] == 504
+        assert usage_record["request_id"] == response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    ("timeout_s", "message"),
+    [
+        (180, "Request timed out (3-minute upstream limit)"),
+        (180.0, "Request timed out (3-minute upstream limit)"),
+        (30, "Request timed out (30-second upstream limit)"),
+        (600, "Request timed out (600-second upstream limit)"),
+        (2.5, "Request timed out (2.5-second upstream limit)"),
+    ],
+)
+def test_upstream_timeout_message_names_the_limit(timeout_s: float, message: str) -> None:
+    error = UpstreamTimeout(timeout_s)
+    assert error.status_code == 504
+    assert error.message == message
+    assert error.body()["error"] == {
+        "message": message,
+        "type": "upstream_timeout",
+        "param": None,
+        "code": "upstream_timeout",
+    }
+
+
+def test_default_settings_have_the_3_minute_limit(settings: Settings) -> None:
+    assert UpstreamTimeout(Settings().upstream_timeout_s).message == (
+        "Request timed out (3-minute upstream limit)"
+    )
+
+
+def test_upstream_unreachable_is_502(settings: Settings) -> None:
+    unreachable = replace(settings, upstream_url=f"http://127.0.0.1:{closed_port()}/v1")
+    with app_client(unreachable) as client:
+        key = new_key(client)
+        response = client.post("/v1/chat/completions", json=HELLO, headers=bearer(key))
+        assert_error(response, 502, "upstream_error")
+        streamed = client.post(
+            "/v1/chat/completions", json={**HELLO, "stream": True}, headers=bearer(key)
+        )
+        assert_error(streamed, 502, "upstream_error")
+        assert_error(client.get("/v1/models", headers=bearer(key)), 502, "upstream_error")
+        embeddings = client.post(
+            "/v1/embeddings", json={"model": "m", "input": "x"}, headers=bearer(key)
+        )
+        assert_error(embeddings, 502, "upstream_error")
+        assert client.get("/healthz").status_code == 200
+
+
+def test_upstream_connection_error_is_502(settings: Settings) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with app_client(settings, httpx.MockTransport(handler)) as client:
+        response = client.post("/v1/chat/completions", json=HELLO, headers=bearer(new_key(client)))
+        assert_error(response, 502, "upstream_error")
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+def test_models_lists_the_upstream_models(harness: Harness, key: str) -> None:
+    response = harness.client.get("/v1/models", headers=bearer(key))
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["object"] == "list"
+    assert [m["id"] for m in answer["data"]] == ["gpt-4o-mini", "gpt-4o", "mock-slow", "mock-gated"]
+    assert all(m["object"] == "model" for m in answer["data"])
+
+
+def test_models_are_filtered_by_allowed_models(harness: Harness) -> None:
+    key = harness.create_key(allowed_models=["gpt-4o", "not-upstream"])["key"]
+    response = harness.client.get("/v1/models", headers=bearer(key))
+    assert response.status_code == 200
+    assert [m["id"] for m in response.json()["data"]] == ["gpt-4o"]
+
+
+def test_model_lookup_of_a_disallowed_model_is_404(harness: Harness) -> None:
+    key = harness.create_key(allowed_models=["gpt-4o"])["key"]
+    response = harness.client.get("/v1/models/gpt-4o-mini", headers=bearer(key))
+    error = assert_error(response, 404, "invalid_request_error", "not_found")
+    assert error["param"] == "model"
+    allowed = harness.client.get("/v1/models/gpt-4o", headers=bearer(key))
+    assert allowed.status_code == 200
+    assert allowed.json()["id"] == "gpt-4o"
+
+
+def test_model_lookup_of_an_unknown_model_is_404(harness: Harness, key: str) -> None:
+    response = harness.client.get("/v1/models/no-such-model", headers=bearer(key))
+    assert_error(response, 404, "invalid_request_error", "not_found")
+
+
+def test_models_need_a_valid_key(harness: Harness) -> None:
+    assert_auth_failed(harness.client.get("/v1/models"))
+    assert_auth_failed(harness.client.get("/v1/models/gpt-4o"))
+    bad = bearer("sk-tg-0123456789abcdef_" + "a" * 43)
+    assert_auth_failed(harness.client.get("/v1/models", headers=bad))
+
+
+# --- other /v1 paths ---------------------------------------------------------------------------
+
+
+def test_embeddings_pass_through_and_are_metered(harness: Harness) -> None:
+    record = harness.create_key()
+    body = {"model": "text-embedding-3-small", "input": "The quick brown fox jumps"}
+    response = harness.client.post("/v1/embeddings", json=body, headers=bearer(record["key"]))
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["data"][0]["embedding"] == [0.1, 0.2, 0.3]
+    upstream = harness.mock.requests[-1]
+    assert upstream["path"] == "/v1/embeddings"
+    assert upstream["body"] == body
+    assert upstream["headers"]["authorization"] == "Bearer sk-upstream-secret"
+
+    usage = key_usage(harness, record["id"])
+    tokens = answer["usage"]["prompt_tokens"]
+    [group] = usage["groups"]
+    assert group["model"] == "text-embedding-3-small"
+    assert group["requests"] == 1
+    assert group["prompt_tokens"] == tokens
+    assert group["completion_tokens"] == 0
+    [usage_record] = exported(harness)
+    assert usage_record["request_id"] == response.headers["x-request-id"]
+    assert usage_record["path"] == "/v1/embeddings"
+    assert usage_record["usage_source"] == "upstream"
+
+
+def test_passthrough_needs_a_valid_key(harness: Harness) -> None:
+    response = harness.client.post("/v1/embeddings", json={"model": "m", "input": "x"})
+    assert_auth_failed(response)
+    assert harness.mock.requests == []
+
+
+def test_passthrough_keeps_the_query_string(settings: Settings) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"object": "list", "data": []})
+
+    with app_client(settings, httpx.MockTransport(handler)) as client:
+        key = new_key(client)
+        response = client.get("/v1/files?purpose=batch&limit=2", headers=bearer(key))
+        assert response.status_code == 200
+        assert response.json() == {"object": "list", "data": []}
+        assert str(seen[-1].url) == "http://upstream.test/v1/files?purpose=batch&limit=2"
+        assert seen[-1].headers["authorization"] == "Bearer sk-upstream-secret"
+
+
+# --- health and metrics ------------------------------------------------------------------------
+
+
+def test_healthz_readyz_and_metrics_answer(harness: Harness, key: str) -> None:
+    assert harness.chat(key, HELLO).status_code == 200
+    health = harness.client.get("/healthz")
+    assert health.status_code == 200
+    assert health.headers["x-request-id"]
+    assert harness.client.get("/readyz").status_code == 200
+    metrics = harness.client.get("/metrics")
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert "tollgate_requests_total" in metrics.text
+    assert re.search(
+        r'^tollgate_requests_total\{[^}]*model="gpt-4o-mini"[^}]*status="200"[^}]*\} 1\.0$',
+        metrics.text,
+        re.MULTILINE,
+    ), metrics.text
+
+
+def test_metrics_never_show_a_secret(harness: Harness, key: str) -> None:
+    harness.chat(key, HELLO)
+    harness.chat(key, {**HELLO, "model": "mock-error"})
+    text = harness.client.get("/metrics").text
+    assert key not in text
+    assert key.split("_", 1)[1] not in text
+
+
+# --- bad input never becomes a 500 -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b"[" * 100_000, id="arrays"),
+        pytest.param(b'{"a":' * 100_000, id="objects"),
+        pytest.param(
+            b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"x":'
+            + b"[" * 100_000
+            + b"]" * 100_000
+            + b"}",
+            id="inside-a-valid-request",
+        ),
+    ],
+)
+def test_deeply_nested_json_is_400(harness: Harness, key: str, content: bytes) -> None:
+    response = harness.client.post("/v1/chat/completions", content=content, headers=bearer(key))
+    assert_error(response, 400, "invalid_request_error")
+    assert harness.mock.requests == []
+
+
+def test_thousands_of_messages_pass(harness: Harness, key: str) -> None:
+    messages = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"}
+        for i in range(5000)
+    ]
+    response = harness.chat(key, {**HELLO, "messages": messages})
+    assert response.status_code == 200, response.text
+    assert len(harness.mock.requests[-1]["body"]["messages"]) == 5000
+
+
+def test_thousands_of_messages_with_one_bad_one_name_it(harness: Harness, key: str) -> None:
+    messages = [{"role": "user", "content": "ok"}] * 4999 + [{"role": "user"}]
+    response = harness.chat(key, {**HELLO, "messages": messages})
+    error = assert_error(response, 400, "invalid_request_error")
+    assert error["param"] == "messages[4999].content"
+
+
+def test_huge_string_just_under_the_default_limit_passes(harness: Harness, key: str) -> None:
+    limit = harness.gateway.settings.max_body_bytes
+    template = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"%s"}]}'
+    content = (template % ("y" * (limit - len(template % "")))).encode()
+    assert len(content) == limit
+    response = harness.client.post("/v1/chat/completions", content=content, headers=bearer(key))
+    assert response.status_code == 200, response.text
+    assert len(harness.mock.requests[-1]["body"]["messages"][0]["content"]) > limit - 100
+
+
+def test_nul_bytes_escaped_in_json_pass_through(harness: Harness, key: str) -> None:
+    body = {
+        "model": "gpt-4o-mini\u0000",
+        "messages": [{"role": "user", "content": "a\u0000b"}],
+        "user": "\u0000",
+    }
+    response = harness.chat(key, body)
+    assert response.status_code == 200, response.text
+    assert harness.mock.requests[-1]["body"] == body
+
+
+def test_raw_nul_bytes_are_400(harness: Harness, key: str) -> None:
+    content = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"a\x00b"}]}'
+    response = harness.client.post("/v1/chat/completions", content=content, headers=bearer(key))
+    assert_error(response, 400, "invalid_request_error")
+    only_nul = harness.client.post("/v1/chat/completions", content=b"\x00", headers=bearer(key))
+    assert_error(only_nul, 400, "invalid_request_error")
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "application/octet-stream", "nonsense"],
+)
+def test_wrong_content_type_with_a_json_body_is_not_an_error(
+    harness: Harness, key: str, content_type: str
+) -> None:
+    headers = {**bearer(key), "content-type": content_type}
+    response = harness.client.post(
+        "/v1/chat/completions", content=json.dumps(HELLO).encode(), headers=headers
+    )
+    assert response.status_code == 200, response.text
+    assert harness.mock.requests[-1]["body"] == HELLO
+
+
+def test_multipart_body_is_400(harness: Harness, key: str) -> None:
+    response = harness.client.post(
+        "/v1/chat/completions",
+        files={"file": ("a.txt", b"hello")},
+        data={"model": "gpt-4o-mini"},
+        headers=bearer(key),
+    )
+    assert_error(response, 400, "invalid_request_error")
+    assert harness.mock.requests == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({**HELLO, "model": "m" * 100_000}, id="long-model"),
+        pytest.param({**HELLO, "model": "\u4e16\u754c-\U0001f600"}, id="unicode-model"),
+        pytest.param(
+            {**HELLO, "messages": [{"role": "user", "content": [1, None, "x", {"type": 7}]}]},
+            id="odd-content-parts",
+        ),
+        pytest.param({**HELLO, "tools": "not-a-list", "n": 128}, id="odd-tools"),
+        pytest.param({**HELLO, "stream_options": "x", "stream": True}, id="odd-stream-options"),
+        pytest.param({**HELLO, "max_tokens": 2**31 - 1, "n": 128}, id="largest-allowed"),
+    ],
+)
+def test_odd_but_valid_requests_do_not_fail_inside_tollgate(
+    harness: Harness, key: str, body: dict[str, Any]
+) -> None:
+    response = harness.chat(key, body)
+    assert response.status_code == 200, response.text
+    assert harness.mock.requests[-1]["body"]["model"] == body["model"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b"[" * 100_000, id="deep"),
+        pytest.param(b"\xff\xfe", id="not-utf8"),
+        pytest.param(b'{"model": "\\ud800", "input": "x"}', id="lone-surrogate-model"),
+        pytest.param(b'{"model": 42, "input": "x"}', id="number-model"),
+        pytest.param(b'{"usage": {"prompt_tokens": "x"}}', id="odd-usage"),
+    ],
+)
+def test_odd_passthrough_bodies_are_forwarded_as_sent(settings: Settings, content: bytes) -> None:
+    seen: list[bytes] = []
+    refusal = b'{"error": {"message": "bad input", "type": "invalid_request_error"}}'
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.content)
+        return httpx.Response(400, content=refusal, headers={"content-type": "application/json"})
+
+    with app_client(settings, httpx.MockTransport(handler)) as client:
+        key = new_key(client)
+        response = client.post("/v1/embeddings", content=content, headers=bearer(key))
+        assert response.status_code == 400, response.text
+        assert response.content == refusal
+        assert seen == [content]
