@@ -26,6 +26,7 @@ from proxy.limits import LEASE_MARGIN_MS, Limiter
 from proxy.metrics import Metrics
 from proxy.spool import Spool
 from proxy.store import Store, open_store
+from proxy.sweeper import Sweeper
 from proxy.upstream import Upstream
 
 log = logging.getLogger("tollgate")
@@ -37,6 +38,39 @@ CHAT_PATHS = (
     "/api/ai/chat/completions",
 )
 _CLIENT_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+# After uvicorn's graceful-shutdown timeout it cancels the requests still running and at once
+# runs the lifespan shutdown; their settlement (one store round trip, or the spool) gets this
+# long before the store is closed under it.
+SETTLE_GRACE_S = 5.0
+
+
+class RequestTracker:
+    """Pure-ASGI middleware keeping the HTTP requests in progress, so shutdown can wait."""
+
+    def __init__(self, app: ASGIApp, *, requests: set[asyncio.Task[object]]) -> None:
+        self.app = app
+        self.requests = requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        if scope["type"] != "http" or task is None:
+            await self.app(scope, receive, send)
+            return
+        self.requests.add(task)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.requests.discard(task)
+
+
+async def _drain(requests: set[asyncio.Task[object]], timeout_s: float) -> None:
+    """Wait (bounded) until no request of this process is still running (or settling)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while requests and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    if requests:
+        log.warning("closing the store with %d request(s) still settling", len(requests))
 
 
 class RequestIdMiddleware:
@@ -109,6 +143,7 @@ def build_gateway(
     store = store or open_store(settings)
     known_models = set(settings.prices.models)
     lease_ms = int(settings.upstream_timeout_s * 1000) + LEASE_MARGIN_MS
+    limiter = Limiter(store, lease_ms=lease_ms, retention_days=settings.usage_retention_days)
     return Gateway(
         settings=settings,
         store=store,
@@ -118,9 +153,10 @@ def build_gateway(
             known_models=known_models,
             multiprocess_dir=settings.metrics_multiprocess,
         ),
-        limiter=Limiter(store, lease_ms=lease_ms, retention_days=settings.usage_retention_days),
+        limiter=limiter,
         keyring=Keyring(store),
         spool=Spool(settings.spool_dir),
+        sweeper=Sweeper(store, limiter, settings.prices, every_ms=min(30_000, lease_ms // 2)),
     )
 
 
@@ -131,18 +167,24 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> Starlette:
     """The ASGI app. `store` and `transport` let tests and the demo bring their own."""
+    requests: set[asyncio.Task[object]] = set()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         gateway = build_gateway(settings, store=store, transport=transport)
         app.state.gateway = gateway
-        replay = asyncio.create_task(gateway.replay_forever())
+        loops = [
+            asyncio.create_task(gateway.replay_forever()),
+            asyncio.create_task(gateway.sweep_forever()),
+        ]
         try:
             yield
         finally:
-            replay.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await replay
+            for loop in loops:
+                loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop
+            await _drain(requests, SETTLE_GRACE_S)
             await gateway.aclose()
 
     routes = [Route(path, endpoints.chat_completions, methods=["POST"]) for path in CHAT_PATHS]
@@ -168,4 +210,5 @@ def create_app(
         exception_handlers={ProxyError: proxy_error, HTTPException: http_error},
     )
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestTracker, requests=requests)
     return app

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -96,6 +97,10 @@ def build_app() -> Any:
     return create_app(load_settings(os.environ))
 
 
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def _serve(settings: Settings) -> int:
     import uvicorn
 
@@ -110,6 +115,9 @@ def _serve(settings: Settings) -> int:
         Path(metrics_dir).mkdir(parents=True, exist_ok=True)
     # Workers rebuild Settings from the environment: pass the flags on through it.
     os.environ["TOLLGATE_WORKERS"] = str(settings.workers)
+    # uvicorn drains on SIGTERM, then raises the signal again with the handler found here: a
+    # drained stop exits 0 (as under --workers) instead of being reported as killed (-15).
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         "proxy.cli:build_app",
         factory=True,

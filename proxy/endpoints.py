@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -108,20 +109,20 @@ def _refusal(decision: Decision, model: str, gateway: Gateway) -> ProxyError:
 async def admit(
     gateway: Gateway,
     presented: PresentedKey,
+    admitted: Admitted,
     *,
-    request_id: str,
-    model: str,
     token_estimate: int,
     cost_micros: int | None,
-) -> Decision:
+) -> tuple[Admitted, Decision]:
     """Authenticate and admit in one store round trip; fail open or closed when it is down."""
     try:
         decision = await gateway.limiter.admit(
             presented,
-            request_id=request_id,
-            model=model,
+            request_id=admitted.request_id,
+            model=admitted.model,
             token_estimate=token_estimate,
             cost_micros=cost_micros,
+            marker=admitted.marker(),
         )
     except StoreDown:
         gateway.metrics.store_errors.inc()
@@ -131,11 +132,27 @@ async def admit(
                 "The rate-limit store is unreachable; try again shortly"
             ) from None
         gateway.metrics.fail_open.inc()
-        return Decision(verdict="ok", key_name=name)
-    if not decision.admitted:
-        raise _refusal(decision, model, gateway)
-    gateway.remember_key(presented.key_hash, presented.key_id, decision.key_name)
-    return decision
+        decision = Decision(verdict="ok", key_name=name)
+    else:
+        if not decision.admitted:
+            raise _refusal(decision, admitted.model, gateway)
+        gateway.remember_key(presented.key_hash, presented.key_id, decision.key_name)
+    return replace(admitted, key_name=decision.key_name), decision
+
+
+def _arrival(request: Request, presented: PresentedKey, **fields: Any) -> Admitted:
+    """What is known of a request before admission; its deadline starts now."""
+    settings = gateway_of(request).settings
+    return Admitted(
+        request_id=request.scope["state"]["request_id"],
+        key_id=presented.key_id,
+        key_name="",
+        path=request.url.path,
+        started=time.perf_counter(),
+        deadline=asyncio.get_running_loop().time() + settings.upstream_timeout_s,
+        ts=time.time(),
+        **fields,
+    )
 
 
 def _with_usage_option(raw: bytes, body: dict[str, Any]) -> bytes:
@@ -156,8 +173,6 @@ def _with_usage_option(raw: bytes, body: dict[str, Any]) -> bytes:
 async def chat_completions(request: Request) -> Response:
     gateway = gateway_of(request)
     settings = gateway.settings
-    request_id: str = request.scope["state"]["request_id"]
-    started = time.perf_counter()
     presented = authenticate(request)
     raw = await read_body(request, settings.max_body_bytes)
     body = parse_json_object(raw)
@@ -173,26 +188,20 @@ async def chat_completions(request: Request) -> Response:
         if price is not None
         else None
     )
-    decision = await admit(
-        gateway,
+    arrival = _arrival(
+        request,
         presented,
-        request_id=request_id,
-        model=model,
-        token_estimate=prompt_estimate + completion_max,
-        cost_micros=cost,
-    )
-    admitted = Admitted(
-        request_id=request_id,
-        key_id=presented.key_id,
-        key_name=decision.key_name,
         model=model,
         route="chat_completions",
-        path=request.url.path,
         stream=stream,
         prompt_estimate=prompt_estimate,
-        started=started,
-        deadline=asyncio.get_running_loop().time() + settings.upstream_timeout_s,
-        ts=time.time(),
+    )
+    admitted, decision = await admit(
+        gateway,
+        presented,
+        arrival,
+        token_estimate=prompt_estimate + completion_max,
+        cost_micros=cost,
     )
     return await forward(
         gateway,
@@ -309,29 +318,20 @@ async def passthrough(request: Request) -> Response:
     """Any other /v1/* path: authenticated, request-limited, metered when it reports usage."""
     gateway = gateway_of(request)
     settings = gateway.settings
-    request_id: str = request.scope["state"]["request_id"]
-    started = time.perf_counter()
     presented = authenticate(request)
     raw = await read_body(request, settings.max_body_bytes)
     body = _json_or_none(raw) if raw else None
     model = body.get("model") if body is not None else None
     model = model if isinstance(model, str) and model and is_utf8(model) else "-"
-    decision = await admit(
-        gateway, presented, request_id=request_id, model=model, token_estimate=0, cost_micros=0
-    )
-    admitted = Admitted(
-        request_id=request_id,
-        key_id=presented.key_id,
-        key_name=decision.key_name,
+    arrival = _arrival(
+        request,
+        presented,
         model=model,
         route="passthrough",
-        path=request.url.path,
         stream=bool(body and body.get("stream") is True),
         prompt_estimate=0,
-        started=started,
-        deadline=asyncio.get_running_loop().time() + settings.upstream_timeout_s,
-        ts=time.time(),
     )
+    admitted, decision = await admit(gateway, presented, arrival, token_estimate=0, cost_micros=0)
     return await forward(
         gateway,
         request,

@@ -18,6 +18,7 @@ from proxy.limits import Limiter
 from proxy.metrics import Metrics
 from proxy.spool import Spool
 from proxy.store import Store, StoreDown
+from proxy.sweeper import Sweeper
 from proxy.upstream import Upstream
 
 log = logging.getLogger("tollgate")
@@ -34,6 +35,7 @@ class Gateway:
     limiter: Limiter
     keyring: Keyring
     spool: Spool
+    sweeper: Sweeper
     # key hash -> (key id, key name, monotonic expiry): keys seen lately, for fail-open.
     recent_keys: dict[str, tuple[str, str, float]] = field(default_factory=dict)
     models_cache: tuple[float, list[dict[str, Any]]] | None = None
@@ -95,6 +97,17 @@ class Gateway:
                     await self.replay_spool()
                 except Exception:  # a replay round must never kill the loop
                     log.exception("spool replay failed; retrying")
+
+    async def sweep_forever(self) -> None:
+        """Sweep requests of dead proxies, at about half a lease apart."""
+        while True:
+            await asyncio.sleep(self.sweeper.every_ms / 1000)
+            try:
+                await self.sweeper.sweep()
+            except StoreDown:
+                self.metrics.store_errors.inc()
+            except Exception:  # a sweep round must never kill the loop
+                log.exception("sweep failed; retrying")
 
     async def aclose(self) -> None:
         await self.upstream.aclose()

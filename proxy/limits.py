@@ -13,7 +13,7 @@ from proxy import store
 from proxy.keys import PresentedKey
 from proxy.store import Store
 
-LEASE_MARGIN_MS = 60_000
+LEASE_MARGIN_MS = 10_000  # a lease outlives the upstream deadline by this much
 RETENTION_MS_PER_DAY = 86_400_000
 
 
@@ -70,6 +70,7 @@ class Limiter:
         model: str,
         token_estimate: int,
         cost_micros: int | None,
+        marker: str = "{}",
         now_ms: int | None = None,
     ) -> Decision:
         """cost_micros None means the model has no price (refused for keys with a balance)."""
@@ -81,6 +82,7 @@ class Limiter:
             token_estimate,
             -1 if cost_micros is None else cost_micros,
             self.lease_ms,
+            marker,
         ]
         keys = store.admission_keys(presented.key_id)
         reply = await self.store.call(lambda: self.store.admit_script(keys=keys, args=args))

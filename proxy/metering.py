@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 # About four characters of English text per token; plus per-message framing tokens.
@@ -137,3 +138,50 @@ class StreamMeter:
 
     def completion_estimate(self) -> int:
         return _text_tokens(self.text_chars)
+
+
+def settlement(
+    *,
+    request_id: str,
+    ts: float,
+    key_id: str,
+    key_name: str,
+    model: str,
+    path: str,
+    stream: bool,
+    status: int,
+    usage: Usage,
+    cost_micros: int,
+    latency_s: float | None,
+    ttft_s: float | None,
+) -> dict[str, Any]:
+    """The arguments of Limiter.settle for one finished request, its usage record included."""
+    record: dict[str, Any] = {
+        "request_id": request_id,
+        "ts": datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds"),
+        "key_id": key_id,
+        "key_name": key_name,
+        "model": model,
+        "path": path,
+        "stream": stream,
+        "status": status,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "cost_usd": cost_micros / 1_000_000,
+        "usage_source": usage.source,
+        "latency_ms": round(latency_s * 1000, 1) if latency_s is not None else None,
+        "ttft_ms": round(ttft_s * 1000, 1) if ttft_s is not None else None,
+    }
+    if usage.details:
+        record["usage_details"] = usage.details
+    return {
+        "key_id": key_id,
+        "request_id": request_id,
+        "day": record["ts"][:10],
+        "model": model,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cost_micros": cost_micros,
+        "record_json": json.dumps(record, separators=(",", ":")),
+    }

@@ -11,8 +11,6 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
 
 import httpx
 from anyio import CancelScope
@@ -20,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.errors import ProxyError, UpstreamFailed, UpstreamTimeout
 from proxy.gateway import Gateway
-from proxy.metering import StreamMeter, Usage
+from proxy.metering import StreamMeter, Usage, settlement
 
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer ended
 
@@ -40,6 +38,18 @@ class Admitted:
     started: float  # time.perf_counter()
     deadline: float  # loop time by which the whole upstream exchange must end
     ts: float  # time.time() at arrival
+
+    def marker(self) -> str:
+        """What the store keeps of a request in flight, for the sweeper if this process dies."""
+        return json.dumps(
+            {
+                "ts": self.ts,
+                "path": self.path,
+                "stream": self.stream,
+                "prompt": self.prompt_estimate,
+            },
+            separators=(",", ":"),
+        )
 
 
 class Exchange:
@@ -113,36 +123,21 @@ class Exchange:
             admitted.model, usage.prompt_tokens, usage.completion_tokens
         )
         elapsed = time.perf_counter() - admitted.started
-        record: dict[str, Any] = {
-            "request_id": admitted.request_id,
-            "ts": datetime.fromtimestamp(admitted.ts, UTC).isoformat(timespec="milliseconds"),
-            "key_id": admitted.key_id,
-            "key_name": admitted.key_name,
-            "model": admitted.model,
-            "path": admitted.path,
-            "stream": admitted.stream,
-            "status": status,
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens,
-            "cost_usd": cost_micros / 1_000_000,
-            "usage_source": usage.source,
-            "latency_ms": round(elapsed * 1000, 1),
-            "ttft_ms": round(self.ttft_s * 1000, 1) if self.ttft_s is not None else None,
-        }
-        if usage.details:
-            record["usage_details"] = usage.details
         await gateway.settle(
-            {
-                "key_id": admitted.key_id,
-                "request_id": admitted.request_id,
-                "day": record["ts"][:10],
-                "model": admitted.model,
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "cost_micros": cost_micros,
-                "record_json": json.dumps(record, separators=(",", ":")),
-            }
+            settlement(
+                request_id=admitted.request_id,
+                ts=admitted.ts,
+                key_id=admitted.key_id,
+                key_name=admitted.key_name,
+                model=admitted.model,
+                path=admitted.path,
+                stream=admitted.stream,
+                status=status,
+                usage=usage,
+                cost_micros=cost_micros,
+                latency_s=elapsed,
+                ttft_s=self.ttft_s,
+            )
         )
         metrics = gateway.metrics
         model = metrics.model(admitted.model)

@@ -4,7 +4,7 @@
 --                                                       models, revoked, credits, reserved
 -- KEYS[2]  bucket hash         tollgate:bucket:{id}     r, rt (requests level, ms), t, tt (tokens)
 -- KEYS[3]  in-flight zset      tollgate:inflight:{id}   request id -> lease expiry (ms)
--- KEYS[4]  reservations hash   tollgate:reserved:{id}   request id -> "micros:tokens:model"
+-- KEYS[4]  reservations hash   tollgate:reserved:{id}   request id -> "micros:tokens:<marker>"
 -- ARGV[1]  SHA-256 hex of the presented key
 -- ARGV[2]  request id
 -- ARGV[3]  now in ms, or "" to use the Redis clock
@@ -12,6 +12,7 @@
 -- ARGV[5]  token estimate charged to the tokens bucket (prompt estimate + max completion)
 -- ARGV[6]  worst-case cost in micro-dollars; -1 when the model has no price
 -- ARGV[7]  lease in ms: how long the in-flight entry outlives a crashed proxy
+-- ARGV[8]  marker: JSON the sweeper turns into an estimated record if the proxy dies
 --
 -- Returns {verdict, name, rpm, requests_remaining, requests_reset_ms, tpm, tokens_remaining,
 --          tokens_reset_ms, retry_after_ms}; limits absent from the key are returned as -1.
@@ -98,7 +99,7 @@ if verdict == 'ok' then
   end
   redis.call('ZADD', inflight_key, now + lease_ms, request_id)
   redis.call('HSET', reserved_key, request_id, string.format('%d:%d:%s',
-    credits and cost_micros or 0, token_estimate, model))
+    credits and cost_micros or 0, token_estimate, ARGV[8]))
   if credits then
     redis.call('HINCRBY', record_key, 'reserved', cost_micros)
   end

@@ -4,7 +4,7 @@
 -- KEYS[1]  key record hash     tollgate:key:{id}         tpm, credits, reserved
 -- KEYS[2]  bucket hash         tollgate:bucket:{id}      t (tokens level)
 -- KEYS[3]  in-flight zset      tollgate:inflight:{id}    request id -> lease expiry (ms)
--- KEYS[4]  reservations hash   tollgate:reserved:{id}    request id -> "micros:tokens:model"
+-- KEYS[4]  reservations hash   tollgate:reserved:{id}    request id -> "micros:tokens:<marker>"
 -- KEYS[5]  usage stream        tollgate:usage:{id}       raw usage records, field "r" = JSON
 -- KEYS[6]  aggregates hash     tollgate:agg:{id}         "<day>|<model>|<counter>" -> integer
 -- KEYS[7]  settled zset        tollgate:settled:{id}     request id -> settle time (ms)
