@@ -1,0 +1,196 @@
+"""Real servers shared by the integration tests: one redis-server, one mock upstream (uvicorn)
+and one `tollgate serve` subprocess wired to both, plus small clients for what they expose.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.servers import (
+    ProxyServer,
+    RedisServer,
+    mock_upstream_server,
+    proxy_server,
+    redis_server,
+    wait_for,
+)
+
+ADMIN_TOKEN = "integration-admin-token-0123456789"
+UPSTREAM_KEY = "sk-upstream-integration-secret"
+MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
+
+
+def new_request_id() -> str:
+    return "it-" + uuid.uuid4().hex
+
+
+class Mock:
+    """The mock upstream process: its base URL (…/v1) and its /_mock/* inspection routes."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.root = url.removesuffix("/v1")
+        self.client = httpx.Client(base_url=self.root, timeout=10)
+
+    def state(self) -> dict[str, Any]:
+        response = self.client.get("/_mock/requests")
+        response.raise_for_status()
+        state: dict[str, Any] = response.json()
+        return state
+
+    def received(self) -> list[dict[str, Any]]:
+        requests: list[dict[str, Any]] = self.state()["requests"]
+        return requests
+
+    def open_streams(self) -> int:
+        return int(self.state()["open_streams"])
+
+    def release(self, n: int = 1) -> None:
+        self.client.post("/_mock/release", params={"n": n}).raise_for_status()
+
+    def request_with_id(self, request_id: str) -> dict[str, Any]:
+        """What the upstream received for the proxied request with this x-request-id."""
+        found = [r for r in self.received() if r["headers"].get("x-request-id") == request_id]
+        assert len(found) == 1, f"upstream saw {len(found)} requests with id {request_id}"
+        return found[0]
+
+
+class Admin:
+    """The admin API of one proxy."""
+
+    def __init__(self, base_url: str) -> None:
+        self.client = httpx.Client(
+            base_url=base_url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10
+        )
+
+    def create_key(self, **fields: Any) -> dict[str, Any]:
+        response = self.client.post("/admin/keys", json={"name": "integration", **fields})
+        assert response.status_code == 201, response.text
+        record: dict[str, Any] = response.json()
+        return record
+
+    def key(self, key_id: str) -> dict[str, Any]:
+        response = self.client.get(f"/admin/keys/{key_id}")
+        assert response.status_code == 200, response.text
+        record: dict[str, Any] = response.json()
+        return record
+
+    def usage(self, key_id: str, *, since: float, group_by: str = "model") -> dict[str, Any]:
+        params = {"since": math.floor(since) - 1, "until": math.ceil(time.time()) + 60}
+        response = self.client.get(
+            f"/admin/keys/{key_id}/usage", params={**params, "group_by": group_by}
+        )
+        assert response.status_code == 200, response.text
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    def export(self, *, since: float) -> list[dict[str, Any]]:
+        params = {"since": math.floor(since) - 1, "until": math.ceil(time.time()) + 60}
+        response = self.client.get("/admin/usage/export", params=params)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith("application/x-ndjson")
+        return [json.loads(line) for line in response.text.splitlines() if line]
+
+    def record(self, request_id: str, *, since: float, timeout_s: float = 10) -> dict[str, Any]:
+        """The usage record of one request, waiting (bounded) for its settlement."""
+        found: list[dict[str, Any]] = []
+
+        def landed() -> bool:
+            found[:] = [r for r in self.export(since=since) if r["request_id"] == request_id]
+            return bool(found)
+
+        wait_for(landed, timeout_s=timeout_s, what=f"usage record of {request_id}")
+        assert len(found) == 1, found
+        return found[0]
+
+
+@dataclass
+class Stack:
+    redis: RedisServer
+    mock: Mock
+    proxy: ProxyServer
+    admin: Admin
+
+    @property
+    def url(self) -> str:
+        return self.proxy.url
+
+
+def proxy_env(redis: RedisServer, mock: Mock, spool_dir: Path, **extra: str) -> Mapping[str, str]:
+    return {
+        "TOLLGATE_REDIS_URL": redis.url,
+        "TOLLGATE_UPSTREAM_URL": mock.url,
+        "TOLLGATE_UPSTREAM_API_KEY": UPSTREAM_KEY,
+        "TOLLGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "TOLLGATE_SPOOL_DIR": str(spool_dir),
+        "TOLLGATE_LOG_LEVEL": "warning",
+        **extra,
+    }
+
+
+@contextmanager
+def running_stack(redis: RedisServer, mock: Mock, spool_dir: Path, **extra: str) -> Iterator[Stack]:
+    """A `tollgate serve` on the shared Redis and mock, with extra TOLLGATE_* settings."""
+    with proxy_server(env=proxy_env(redis, mock, spool_dir, **extra)) as proxy:
+        admin = Admin(proxy.url)
+        try:
+            yield Stack(redis=redis, mock=mock, proxy=proxy, admin=admin)
+        finally:
+            admin.client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_store() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mock() -> Iterator[Mock]:
+    with mock_upstream_server() as url:
+        mock = Mock(url)
+        try:
+            yield mock
+        finally:
+            mock.client.close()
+
+
+@pytest.fixture(scope="session")
+def stack(
+    redis_store: RedisServer, mock: Mock, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    spool = tmp_path_factory.mktemp("spool")
+    with running_stack(redis_store, mock, spool) as stack:
+        yield stack
+
+
+@pytest.fixture
+def key(stack: Stack, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """A fresh key without limits or balance, named after the test."""
+    return stack.admin.create_key(name=request.node.name[:200])
+
+
+@pytest.fixture
+def since() -> float:
+    """The test's start, for usage windows."""
+    return time.time()
+
+
+@pytest.fixture
+def client(stack: Stack, key: dict[str, Any]) -> Iterator[httpx.Client]:
+    """Raw httpx against the proxy, authenticated with the test's key."""
+    with httpx.Client(
+        base_url=stack.url, headers={"authorization": f"Bearer {key['key']}"}, timeout=20
+    ) as client:
+        yield client

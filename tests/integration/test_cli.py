@@ -1,0 +1,233 @@
+"""The operator CLI (`python -m proxy keys|credits|usage`) against the real Redis the running
+proxy uses: `--json` prints exactly the admin API's answer, and changes take effect at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.conftest import MESSAGES, Stack, new_request_id
+
+MODEL = "gpt-4o-mini"
+
+
+def tollgate(*args: str, redis_url: str | None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    if redis_url is not None:
+        env["TOLLGATE_REDIS_URL"] = redis_url
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def cli_json(stack: Stack, *args: str) -> Any:
+    done = tollgate(*args, "--json", redis_url=stack.redis.url)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def chat(stack: Stack, api_key: str, request_id: str | None = None) -> httpx.Response:
+    headers = {"authorization": f"Bearer {api_key}"}
+    if request_id is not None:
+        headers["x-request-id"] = request_id
+    return httpx.post(
+        stack.url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": MESSAGES},
+        headers=headers,
+        timeout=20,
+    )
+
+
+@pytest.fixture
+def created(stack: Stack) -> dict[str, Any]:
+    """A key as `keys create` makes it (made through the admin API: one CLI start less)."""
+    return stack.admin.create_key(name="cli-key", rpm=60, tpm=40000, credits=5)
+
+
+def test_keys_create_json_prints_the_admin_record_with_a_working_key(stack: Stack) -> None:
+    created = cli_json(
+        stack, "keys", "create", "--name", "cli-key", "--rpm", "60", "--tpm", "40000",
+        "--credits", "5",
+    )  # fmt: skip
+    via_api = stack.admin.create_key(name="api-key", rpm=60, tpm=40000, credits=5)
+
+    assert set(created) == set(via_api)
+    assert created["key"].startswith("sk-tg-")
+    assert created["name"] == "cli-key"
+    assert (created["rpm"], created["tpm"], created["max_concurrency"]) == (60, 40000, None)
+    assert created["credits"] == 5.0
+    assert created["reserved_credits"] == 0
+    assert created["revoked"] is False
+    assert {k: v for k, v in created.items() if k != "key"} == stack.admin.key(created["id"])
+    response = chat(stack, created["key"])
+    assert response.status_code == 200, response.text
+    assert response.headers["x-ratelimit-limit-requests"] == "60"
+    assert response.headers["x-ratelimit-limit-tokens"] == "40000"
+
+
+def test_keys_list_and_show_json_equal_the_admin_api(stack: Stack, created: dict[str, Any]) -> None:
+    listing = cli_json(stack, "keys", "list")
+    shown = cli_json(stack, "keys", "show", created["id"])
+
+    assert listing == stack.admin.client.get("/admin/keys").json()
+    assert created["id"] in [r["id"] for r in listing["data"]]
+    assert all("key" not in r for r in listing["data"])
+    assert shown == stack.admin.key(created["id"])
+    assert "key" not in shown
+
+
+def test_keys_update_json_changes_the_limit_the_proxy_enforces(
+    stack: Stack, created: dict[str, Any]
+) -> None:
+    updated = cli_json(stack, "keys", "update", created["id"], "--rpm", "10")
+
+    assert updated["rpm"] == 10
+    assert updated["tpm"] == 40000
+    assert updated == stack.admin.key(created["id"])
+    response = chat(stack, created["key"])
+    assert response.status_code == 200
+    assert response.headers["x-ratelimit-limit-requests"] == "10"
+
+
+def test_keys_rotate_json_old_key_401_new_key_200(stack: Stack, created: dict[str, Any]) -> None:
+    assert chat(stack, created["key"]).status_code == 200
+    rotated = cli_json(stack, "keys", "rotate", created["id"])
+
+    assert rotated["id"] == created["id"]
+    assert rotated["key"] != created["key"]
+    assert (rotated["rpm"], rotated["tpm"]) == (created["rpm"], created["tpm"])
+    assert {k: v for k, v in rotated.items() if k != "key"} == stack.admin.key(created["id"])
+    assert chat(stack, created["key"]).status_code == 401
+    assert chat(stack, rotated["key"]).status_code == 200
+
+
+def test_keys_revoke_json_then_key_is_401(stack: Stack, created: dict[str, Any]) -> None:
+    assert chat(stack, created["key"]).status_code == 200
+    revoked = cli_json(stack, "keys", "revoke", created["id"])
+
+    assert revoked["revoked"] is True
+    assert revoked == stack.admin.key(created["id"])
+    response = chat(stack, created["key"])
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_credits_add_json_grows_the_balance(stack: Stack, created: dict[str, Any]) -> None:
+    answer = cli_json(stack, "credits", "add", created["id"], "2.5")
+
+    assert answer["credits"] == pytest.approx(7.5)
+    assert answer == stack.admin.key(created["id"])
+
+
+@pytest.fixture
+def used_key(stack: Stack, since: float) -> tuple[dict[str, Any], list[str]]:
+    """A key with two settled requests; returns it and their request ids."""
+    key = stack.admin.create_key(name="cli-usage")
+    request_ids = [new_request_id(), new_request_id()]
+    for request_id in request_ids:
+        assert chat(stack, key["key"], request_id).status_code == 200
+    for request_id in request_ids:
+        stack.admin.record(request_id, since=since)
+    return key, request_ids
+
+
+def test_usage_table_shows_requests_and_totals(
+    stack: Stack, used_key: tuple[dict[str, Any], list[str]]
+) -> None:
+    key, _ = used_key
+    done = tollgate("usage", "--key", key["id"], "--format", "table", redis_url=stack.redis.url)
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == [
+        "day", "requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd",
+    ]  # fmt: skip
+    assert len(lines) == 3
+    assert lines[-1].split()[:2] == ["total", "2"]
+
+
+def test_usage_csv_has_a_header_and_one_row_per_group(
+    stack: Stack, used_key: tuple[dict[str, Any], list[str]]
+) -> None:
+    key, _ = used_key
+    by_day = tollgate("usage", "--key", key["id"], "--format", "csv", redis_url=stack.redis.url)
+    by_model = tollgate(
+        "usage", "--key", key["id"], "--format", "csv", "--group-by", "model",
+        redis_url=stack.redis.url,
+    )  # fmt: skip
+
+    assert by_day.returncode == 0, by_day.stderr
+    rows = list(csv.DictReader(io.StringIO(by_day.stdout)))
+    assert by_day.stdout.splitlines()[0] == (
+        "day,requests,prompt_tokens,completion_tokens,total_tokens,cost_usd"
+    )
+    assert len(rows) == 1
+    assert rows[0]["requests"] == "2"
+    assert int(rows[0]["total_tokens"]) == int(rows[0]["prompt_tokens"]) + int(
+        rows[0]["completion_tokens"]
+    )
+    model_rows = list(csv.DictReader(io.StringIO(by_model.stdout)))
+    assert [(r["model"], r["requests"]) for r in model_rows] == [(MODEL, "2")]
+
+
+def test_usage_jsonl_lines_are_the_usage_records(
+    stack: Stack, used_key: tuple[dict[str, Any], list[str]], since: float
+) -> None:
+    key, request_ids = used_key
+    done = tollgate("usage", "--key", key["id"], "--format", "jsonl", redis_url=stack.redis.url)
+
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["request_id"] for r in records] == request_ids
+    assert all(r["key_id"] == key["id"] and r["usage_source"] == "upstream" for r in records)
+    assert records == [stack.admin.record(r, since=since) for r in request_ids]
+
+
+def test_usage_json_equals_the_admin_usage_answer(
+    stack: Stack, used_key: tuple[dict[str, Any], list[str]]
+) -> None:
+    key, _ = used_key
+    since, until = "2000-01-01", "2100-01-01"
+    answer = cli_json(stack, "usage", "--key", key["id"], "--since", since, "--until", until)
+
+    via_api = stack.admin.client.get(
+        f"/admin/keys/{key['id']}/usage", params={"since": since, "until": until}
+    ).json()
+    assert answer == via_api
+    assert answer["totals"]["requests"] == 2
+
+
+def test_unknown_key_id_fails_with_one_line_on_stderr(stack: Stack) -> None:
+    done = tollgate("keys", "show", "0123456789abcdef", redis_url=stack.redis.url)
+
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("keys", "list"), ("keys", "create", "--name", "x", "--json"), ("usage", "--key", "a")],
+)
+def test_without_redis_url_the_cli_exits_2_with_one_line(args: tuple[str, ...]) -> None:
+    done = tollgate(*args, redis_url=None)
+
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "TOLLGATE_REDIS_URL" in lines[0]
