@@ -22,7 +22,6 @@ from tests.servers import (
     RedisServer,
     mock_upstream_server,
     proxy_server,
-    redis_server,
     wait_for,
 )
 
@@ -151,9 +150,8 @@ def running_stack(redis: RedisServer, mock: Mock, spool_dir: Path, **extra: str)
 
 
 @pytest.fixture(scope="session")
-def redis_store() -> Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
+def redis_store(real_redis: RedisServer) -> RedisServer:
+    return real_redis
 
 
 @pytest.fixture(scope="session")
