@@ -128,14 +128,18 @@ async def admit(
         gateway.metrics.store_errors.inc()
         name = gateway.recent_key_name(presented.key_hash) if gateway.settings.fail_open else None
         if name is None:
-            raise StoreUnavailable(
-                "The rate-limit store is unreachable; try again shortly"
-            ) from None
+            unavailable = StoreUnavailable("The rate-limit store is unreachable; try again shortly")
+            gateway.metrics.answered(admitted.route, admitted.model, unavailable.status_code, "")
+            raise unavailable from None
         gateway.metrics.fail_open.inc()
         decision = Decision(verdict="ok", key_name=name)
     else:
         if not decision.admitted:
-            raise _refusal(decision, admitted.model, gateway)
+            refusal = _refusal(decision, admitted.model, gateway)
+            gateway.metrics.answered(
+                admitted.route, admitted.model, refusal.status_code, decision.key_name
+            )
+            raise refusal
         gateway.remember_key(presented.key_hash, presented.key_id, decision.key_name)
     return replace(admitted, key_name=decision.key_name), decision
 
@@ -172,36 +176,13 @@ def _with_usage_option(raw: bytes, body: dict[str, Any]) -> bytes:
 
 async def chat_completions(request: Request) -> Response:
     gateway = gateway_of(request)
-    settings = gateway.settings
-    presented = authenticate(request)
-    raw = await read_body(request, settings.max_body_bytes)
-    body = parse_json_object(raw)
-    model = validate_chat(body)
-    stream = body.get("stream") is True
-    if stream and settings.inject_stream_usage:
-        raw = _with_usage_option(raw, body)
-    prompt_estimate = estimate_prompt_tokens(body)
-    completion_max = max_completion_tokens(body, settings.default_max_tokens)
-    price = settings.prices.price(model)
-    cost = (
-        settings.prices.cost_micros(model, prompt_estimate, completion_max)
-        if price is not None
-        else None
-    )
-    arrival = _arrival(
-        request,
-        presented,
-        model=model,
-        route="chat_completions",
-        stream=stream,
-        prompt_estimate=prompt_estimate,
-    )
+    try:
+        presented, arrival, raw, token_estimate, cost = await _chat_request(gateway, request)
+    except ProxyError as exc:  # refused before admission: counted without model or key
+        gateway.metrics.answered("chat_completions", "", exc.status_code, "")
+        raise
     admitted, decision = await admit(
-        gateway,
-        presented,
-        arrival,
-        token_estimate=prompt_estimate + completion_max,
-        cost_micros=cost,
+        gateway, presented, arrival, token_estimate=token_estimate, cost_micros=cost
     )
     return await forward(
         gateway,
@@ -212,6 +193,36 @@ async def chat_completions(request: Request) -> Response:
         content=raw,
         expect_chat=True,
     )
+
+
+async def _chat_request(
+    gateway: Gateway, request: Request
+) -> tuple[PresentedKey, Admitted, bytes, int, int | None]:
+    """Authenticate, read and validate a chat request; estimate its tokens and worst cost."""
+    settings = gateway.settings
+    presented = authenticate(request)
+    raw = await read_body(request, settings.max_body_bytes)
+    body = parse_json_object(raw)
+    model = validate_chat(body)
+    stream = body.get("stream") is True
+    if stream and settings.inject_stream_usage:
+        raw = _with_usage_option(raw, body)
+    prompt_estimate = estimate_prompt_tokens(body)
+    completion_max = max_completion_tokens(body, settings.default_max_tokens)
+    cost = (
+        settings.prices.cost_micros(model, prompt_estimate, completion_max)
+        if settings.prices.price(model) is not None
+        else None
+    )
+    arrival = _arrival(
+        request,
+        presented,
+        model=model,
+        route="chat_completions",
+        stream=stream,
+        prompt_estimate=prompt_estimate,
+    )
+    return presented, arrival, raw, prompt_estimate + completion_max, cost
 
 
 async def forward(
@@ -317,9 +328,12 @@ def _json_or_none(payload: bytes) -> dict[str, Any] | None:
 async def passthrough(request: Request) -> Response:
     """Any other /v1/* path: authenticated, request-limited, metered when it reports usage."""
     gateway = gateway_of(request)
-    settings = gateway.settings
-    presented = authenticate(request)
-    raw = await read_body(request, settings.max_body_bytes)
+    try:
+        presented = authenticate(request)
+        raw = await read_body(request, gateway.settings.max_body_bytes)
+    except ProxyError as exc:
+        gateway.metrics.answered("passthrough", "", exc.status_code, "")
+        raise
     body = _json_or_none(raw) if raw else None
     model = body.get("model") if body is not None else None
     model = model if isinstance(model, str) and model and is_utf8(model) else "-"

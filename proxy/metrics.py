@@ -81,6 +81,10 @@ class Metrics:
         """Clamp a client-chosen model name so the label set cannot grow without bound."""
         return name if name in self.known_models else OTHER_MODEL
 
+    def answered(self, route: str, model: str, status: int, key_name: str) -> None:
+        """Count one answered request (every status, refusals included)."""
+        self.requests.labels(route, self.model(model), str(status), *self.keyed(key_name)).inc()
+
     def keyed(self, key_name: str, *labels: str) -> tuple[str, ...]:
         return (key_name, *labels) if self.key_label else labels
 

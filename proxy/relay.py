@@ -141,9 +141,7 @@ class Exchange:
         )
         metrics = gateway.metrics
         model = metrics.model(admitted.model)
-        metrics.requests.labels(
-            admitted.route, model, str(status), *metrics.keyed(admitted.key_name)
-        ).inc()
+        metrics.answered(admitted.route, admitted.model, status, admitted.key_name)
         metrics.duration.labels(
             admitted.route, model, "true" if admitted.stream else "false"
         ).observe(elapsed)
