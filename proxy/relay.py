@@ -7,6 +7,7 @@ and cancels the upstream read at once. `Exchange.finish()` runs exactly once, on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ import httpx
 from anyio import CancelScope
 from starlette.types import Receive, Scope, Send
 
-from proxy.errors import ProxyError, UpstreamFailed, UpstreamTimeout
+from proxy.errors import ProxyError, StoreUnavailable, UpstreamFailed, UpstreamTimeout
 from proxy.gateway import Gateway
 from proxy.metering import StreamMeter, Usage, settlement
 
@@ -207,6 +208,14 @@ class RelayResponse:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not disconnected:
+                # The server cancels what is left when its shutdown deadline passes: tell the
+                # client with one error event, and record the stream as cut short.
+                cut = StoreUnavailable("Tollgate is shutting down; the stream was cut short")
+                status = cut.status_code
+                with contextlib.suppress(Exception):
+                    await send(
+                        {"type": "http.response.body", "body": cut.sse_event(), "more_body": False}
+                    )
                 raise
             task.uncancel()
             status = CLIENT_CLOSED

@@ -184,10 +184,14 @@ def test_stream_outliving_the_shutdown_timeout_is_cut_off_and_still_metered_once
         assert took_s < 6, took_s  # 1 s of grace, then the stream is cancelled and settled
         assert stream.ended.wait(5)
         assert "[DONE]" not in stream.events
+        # The client is told why: one final error event.
+        error = json.loads(stream.events[-1])["error"]
+        assert error["type"] == "service_unavailable"
 
     (record,) = _usage_records(store, key["id"])
     assert record["request_id"] == "shutdown-abandoned-1"
     assert record["usage_source"] == "estimated"
+    assert record["status"] == 503
     assert record["stream"] is True
     assert record["prompt_tokens"] > 0
     # Settled in Redis before the store was closed, not left in the spool for a later start.
