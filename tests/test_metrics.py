@@ -1,0 +1,44 @@
+"""Metric samples as an operator scrapes them: labels bounded, secrets absent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.config import Settings
+from tests.conftest import Harness
+
+
+def _samples(harness: Harness, name: str) -> list[str]:
+    text = harness.client.get("/metrics").text
+    return [line for line in text.splitlines() if line.startswith(name + "{")]
+
+
+def test_key_label_names_the_key_and_never_its_secret(harness: Harness) -> None:
+    record = harness.create_key(name="alice")
+    assert harness.chat(record["key"]).status_code == 200
+    samples = _samples(harness, "tollgate_requests_total")
+    assert any('key="alice"' in s and 'status="200"' in s for s in samples)
+    text = harness.client.get("/metrics").text
+    assert record["key"] not in text
+    assert record["key"].split("_", 1)[1] not in text
+
+
+def test_key_label_off_drops_the_label(settings: Settings, harness_factory: Any) -> None:
+    with harness_factory(settings, metrics_key_label=False) as harness:
+        key = harness.create_key(name="alice")["key"]
+        assert harness.chat(key).status_code == 200
+        for name in ("tollgate_requests_total", "tollgate_tokens_total", "tollgate_cost_usd_total"):
+            samples = _samples(harness, name)
+            assert samples, name
+            assert not any("key=" in s for s in samples), samples
+
+
+def test_unknown_models_are_counted_as_other(harness: Harness) -> None:
+    key = harness.create_key()["key"]
+    for model in ("made-up-1", "made-up-2", "gpt-4o-mini"):
+        body = {"model": model, "messages": [{"role": "user", "content": "Hi"}]}
+        assert harness.chat(key, body).status_code == 200
+    samples = _samples(harness, "tollgate_requests_total")
+    assert any('model="other"' in s and s.endswith(" 2.0") for s in samples), samples
+    assert any('model="gpt-4o-mini"' in s for s in samples)
+    assert not any("made-up" in s for s in samples)
