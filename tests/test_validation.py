@@ -451,3 +451,21 @@ def test_non_streaming_request_gets_no_stream_options(harness: Harness, key: str
     body = body_with(stream=False)
     assert harness.chat(key, body).status_code == 200
     assert "stream_options" not in harness.mock.requests[-1]["body"]
+
+
+def test_inject_stream_usage_off_forwards_the_body_untouched_and_estimates_usage(
+    settings: Any, harness_factory: Any
+) -> None:
+    with harness_factory(settings, inject_stream_usage=False) as harness:
+        record = harness.create_key()
+        body = {"model": "gpt-4o-mini", "stream": True,
+                "messages": [{"role": "user", "content": "Hello there"}]}  # fmt: skip
+        response = harness.chat(record["key"], body)
+        assert response.status_code == 200
+        assert harness.mock.requests[-1]["body"] == body
+        assert '"usage":{' not in response.text
+        usage = harness.admin(
+            "GET", f"/admin/keys/{record['id']}/usage", params={"group_by": "model"}
+        ).json()
+        assert usage["totals"]["requests"] == 1
+        assert usage["totals"]["completion_tokens"] > 0  # estimated from the streamed text
