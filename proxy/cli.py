@@ -245,6 +245,9 @@ async def _keys(
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") == "":
+        # prometheus-client would take an empty value for multiprocess mode in the working dir.
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
     args = _parser().parse_args(argv)
     overrides = {k: getattr(args, k, None) for k in ("host", "port", "workers")}
     if args.command == "demo":

@@ -6,12 +6,15 @@ cd "$(dirname "$0")/.."
 . scripts/venv.sh test
 
 need=()
-for pair in redis-server:redis-server redis-cli:redis-tools prometheus:prometheus promtool:prometheus; do
+for pair in redis-server:redis-server redis-cli:redis-tools prometheus:prometheus \
+    promtool:prometheus /usr/sbin/nginx:nginx-light wrk:wrk; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
 # Debian starts the packaged services; the tests run their own on free loopback ports.
-if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server prometheus >/dev/null 2>&1 || true; fi
+if command -v systemctl >/dev/null 2>&1; then
+  systemctl stop redis-server prometheus nginx >/dev/null 2>&1 || true
+fi
 
 .venv/bin/ruff check proxy tests
 .venv/bin/ruff format --check proxy tests

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
 from tests.bench import limiter
+from tests.bench.load import wrk_binary
+from tests.bench.nginx import CONTENT_CHUNKS, nginx_binary, stream_events
+from tests.servers import REPO
 
 
 def test_limiter_benchmark_runs_and_counts_one_round_trip_per_phase() -> None:
@@ -13,3 +23,43 @@ def test_limiter_benchmark_runs_and_counts_one_round_trip_per_phase() -> None:
         # Exactly one EVALSHA to admit and one to settle: the property, not a timing.
         assert row["commands"]["evalsha"] == 128
         assert row["round_trips_per_request"] == 2.0
+
+
+def test_http_benchmark_smoke_run_reports_every_figure(tmp_path: Path) -> None:
+    # scripts/test.sh installs both from Debian's packages.
+    assert Path(nginx_binary()).exists() and Path(wrk_binary()).exists()
+    out = tmp_path / "http.json"
+    command = [sys.executable, "-m", "tests.bench.http", "--smoke", "--json", str(out)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # SIGTERM: the benchmark stops every server it started, then exits
+        output, _ = process.communicate(timeout=60)
+        pytest.fail(f"the smoke run took over 120 s:\n{output.decode()[-4000:]}")
+    assert process.returncode == 0, output.decode()[-4000:]
+    result = json.loads(out.read_text(encoding="utf-8"))
+
+    rows = {(r["target"], r["traffic"]): r for r in result["rows"]}
+    assert set(rows) == {(t, k) for t in ("tollgate-1w", "direct") for k in ("json", "stream")}
+    for row in rows.values():
+        for connections in ("c1", "c32"):
+            assert row[connections]["requests_per_s"] > 0
+            assert row[connections]["p99_ms"] >= row[connections]["p50_ms"] >= 0
+        assert row["rss_per_worker_mib"] > 0
+    for traffic in ("json", "stream"):
+        row = rows[("tollgate-1w", traffic)]
+        for connections in ("c1", "c32"):
+            figures = row[connections]
+            assert figures["proxy_cpu_us_per_request"] > 0
+            assert figures["added_p50_ms"] is not None
+            assert figures["redis_cpu_us_per_request"] > 0
+            # One admit and one settle per request; no other command on the request path.
+            assert figures["redis_script_calls_per_request"] == 2.0
+            assert round(figures["redis_round_trips_per_request"], 1) == 2.0
+    # Checked before the timed runs: the stream through Tollgate is the upstream's, byte for byte.
+    assert result["checks"]["tollgate-1w"]["stream"] == {
+        "status": 200, "bytes": len(b"".join(stream_events())), "identical": True,
+        "chunks": CONTENT_CHUNKS, "done": True,
+    }  # fmt: skip
+    assert CONTENT_CHUNKS == 20

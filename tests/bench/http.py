@@ -1,0 +1,436 @@
+"""Benchmark: Tollgate over HTTP next to nginx as a reverse proxy and the upstream alone.
+
+A fast mock upstream (nginx answering a static chat.completion, or an SSE stream), a real
+redis-server, `tollgate serve` (1 and 2 workers, every feature on), nginx proxying to the same
+upstream and, with --litellm, LiteLLM's proxy; wrk POSTs chat bodies. Loopback only, bounded by
+--rounds and --duration; every process it starts is stopped on exit, error or Ctrl-C.
+Run: .venv/bin/python -m tests.bench.http [--rounds 3] [--duration 5] [--smoke] [--profile 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import redis
+
+from tests.bench import litellm, procfs, pyspy, report
+from tests.bench.load import Load, run_wrk, wrk_binary
+from tests.bench.nginx import (
+    CONTENT_CHUNKS,
+    STREAM_HEADER,
+    STREAM_PATH_PREFIX,
+    Nginx,
+    completion_body,
+    nginx_binary,
+    nginx_server,
+    stream_events,
+)
+from tests.servers import REPO, ProxyServer, RedisServer, redis_server, wait_for
+
+TRAFFIC = ("json", "stream")
+CONNECTIONS = (1, 32)
+WARMUP_S = 2
+DEFAULT_JSON = REPO / "tests" / "bench" / "results" / "http.json"
+DEFAULT_PROFILE = REPO / "tests" / "bench" / "results" / "http-profile.txt"
+ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
+_SCRIPT_CALLS = frozenset({"evalsha", "eval"})
+_LUA_CALL = re.compile(r"redis\.p?call\(\s*['\"](\w+)['\"]")
+_MESSAGES = [
+    {"role": "system", "content": "You are a concise assistant. Answer in plain prose only, "
+     "without lists or headings."},
+    {"role": "user", "content": "Summarise the plot of Hamlet in two sentences, naming the main "
+     "characters and what becomes of each of them by the end of the final act. Keep it short."},
+]  # fmt: skip
+
+
+class BenchError(RuntimeError):
+    """A target answered wrongly: its figures would not be comparable."""
+
+
+def request_body(traffic: str) -> bytes:
+    """The ~390-byte chat body clients send; streaming adds only `"stream": true`."""
+    body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": _MESSAGES, "max_tokens": 64,
+                            "temperature": 0.2, "user": "bench-user-0001"}  # fmt: skip
+    if traffic == "stream":
+        body["stream"] = True
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    urls: dict[str, str]  # traffic -> the POST URL
+    roots: dict[str, int]  # traffic -> the pid whose process tree serves it
+    authorization: str
+    stream_header: str | None  # sent with streaming requests; None when the URL selects SSE
+    exact: bool  # relays the upstream's bytes unchanged (checked before the runs)
+    metrics_url: str | None = None  # Tollgate's /metrics: its Redis figures are measured
+
+
+@contextmanager
+def _tollgate(
+    directory: Path, *, upstream_url: str, redis_url: str, workers: int
+) -> Iterator[ProxyServer]:
+    env = {
+        "TOLLGATE_UPSTREAM_URL": upstream_url,
+        "TOLLGATE_UPSTREAM_API_KEY": "sk-upstream-bench",
+        "TOLLGATE_REDIS_URL": redis_url,
+        "TOLLGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "TOLLGATE_LOG_LEVEL": "warning",
+        "TOLLGATE_SPOOL_DIR": str(directory / "spool"),
+        "TOLLGATE_SHUTDOWN_TIMEOUT": "5",
+    }
+    args = ["serve", "--host", "127.0.0.1", "--port", "{port}", "--workers", str(workers)]
+    server = ProxyServer(env=env, args=args)
+    # prometheus-client turns multiprocess mode on when the variable merely exists (even empty,
+    # then writing its files to the working directory): set it for several workers only.
+    server.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    if workers > 1:
+        server.env["PROMETHEUS_MULTIPROC_DIR"] = str(directory / "metrics")
+    try:  # stopped even when it never became ready
+        server.start()
+        assert server.process is not None
+        root = server.process.pid
+        if workers > 1:
+            wait_for(lambda: len(procfs.tree(root)) > workers, what=f"{workers} workers")
+        yield server
+    finally:
+        server.stop()
+        server.log.close()
+        server.log_path.unlink(missing_ok=True)
+
+
+def _create_key(tollgate_url: str) -> str:
+    """A key whose limits and credits never refuse: every check runs, none says no."""
+    answer = httpx.post(
+        tollgate_url + "/admin/keys",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        json={"name": "bench", "rpm": 10**9, "tpm": 10**12, "max_concurrency": 10**6,
+              "credits": 10**6},
+        timeout=10,
+    )  # fmt: skip
+    answer.raise_for_status()
+    key: str = answer.json()["key"]
+    return key
+
+
+def _post(target: Target, traffic: str) -> tuple[int, bytes]:
+    headers = {"Authorization": target.authorization, "Content-Type": "application/json"}
+    if traffic == "stream" and target.stream_header:
+        headers[target.stream_header] = "1"
+    with (
+        httpx.Client(timeout=30, trust_env=False) as client,
+        client.stream("POST", target.urls[traffic], content=request_body(traffic),
+                      headers=headers) as response,
+    ):  # fmt: skip
+        return response.status_code, b"".join(response.iter_raw())
+
+
+def check(target: Target) -> dict[str, Any]:
+    """One request of each traffic type, compared with what the upstream itself sends.
+
+    Proxies that relay bytes unchanged must deliver them byte for byte (all CONTENT_CHUNKS
+    chunks, the usage chunk and [DONE]); any other target must at least answer 200.
+    """
+    expected = {"json": completion_body(), "stream": b"".join(stream_events())}
+    found: dict[str, Any] = {}
+    for traffic in TRAFFIC:
+        status, body = _post(target, traffic)
+        events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
+        chunks = sum(1 for e in events if b'"choices":[{' in e)
+        found[traffic] = {
+            "status": status,
+            "bytes": len(body),
+            "identical": body == expected[traffic],
+            "chunks": chunks if traffic == "stream" else None,
+            "done": events[-1:] == [b"data: [DONE]"] if traffic == "stream" else None,
+        }
+        if status != 200 or (target.exact and body != expected[traffic]):
+            raise BenchError(
+                f"{target.name} answered {traffic} with {status} and a body that differs from "
+                f"the upstream's ({chunks} of {CONTENT_CHUNKS} chunks):\n{body[:2000]!r}"
+            )
+    return found
+
+
+def _script_commands() -> frozenset[str]:
+    """Every command Tollgate's Lua scripts issue: INFO commandstats counts those too."""
+    scripts = [f for f in (resources.files("proxy") / "lua").iterdir() if f.name.endswith(".lua")]
+    return frozenset(
+        name.lower() for f in scripts for name in _LUA_CALL.findall(f.read_text(encoding="utf-8"))
+    )
+
+
+def _redis_counts(client: redis.Redis) -> dict[str, int]:
+    info = cast("dict[str, Any]", client.info("commandstats"))
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
+
+
+def _redis_cpu_s(client: redis.Redis) -> float:
+    info = cast("dict[str, Any]", client.info("cpu"))
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def _served(metrics_url: str) -> int:
+    """Requests Tollgate has answered (all workers), from its own counter."""
+    text = httpx.get(metrics_url, timeout=10, trust_env=False).text
+    return round(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith("tollgate_requests_total{")))  # fmt: skip
+
+
+def _quiet(client: redis.Redis, metrics_url: str) -> tuple[dict[str, int], int]:
+    """Redis counts and served requests once requests cut off by wrk's stop have settled."""
+    last: tuple[dict[str, int], int] | None = None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        now = (_redis_counts(client), _served(metrics_url))
+        if (
+            last is not None
+            and now[1] == last[1]
+            and now[0].get("evalsha") == last[0].get("evalsha")
+        ):
+            return now
+        last = now
+        time.sleep(0.1)
+    raise BenchError("Tollgate kept talking to Redis after the load stopped")
+
+
+def _redis_figures(
+    before: dict[str, int], after: dict[str, int], served: int, cpu_s: float, requests: int
+) -> dict[str, Any]:
+    calls = {k: v - before.get(k, 0) for k, v in after.items()}
+    calls = {k: v for k, v in calls.items() if v and k != "info"}
+    # commandstats also counts what scripts run; a round trip is a script call or a command
+    # no script issues.
+    scripts = calls.get("evalsha", 0) + calls.get("eval", 0)
+    in_scripts = _script_commands() | _SCRIPT_CALLS
+    trips = scripts + sum(v for k, v in calls.items() if k not in in_scripts)
+    return {
+        "served": served,
+        "round_trips_per_request": round(trips / served, 3) if served else None,
+        # Exactly 2 (admit, settle); the other trips are connection health checks (PING after
+        # 30 s idle) and the sweeper, not per request.
+        "script_calls_per_request": round(scripts / served, 3) if served else None,
+        "cpu_us_per_request": round(cpu_s * 1e6 / requests, 1),
+        "commands": calls,
+    }
+
+
+def measure(
+    target: Target,
+    traffic: str,
+    connections: int,
+    *,
+    duration_s: int,
+    bodies: dict[str, Path],
+    redis_client: redis.Redis,
+) -> tuple[Load, dict[str, Any]]:
+    """One wrk run against one target, with the CPU, memory and Redis work it caused."""
+    pids = procfs.tree(target.roots[traffic])
+    if target.metrics_url:
+        served_before = _served(target.metrics_url)
+        counts_before = _redis_counts(redis_client)
+        redis_cpu_before = _redis_cpu_s(redis_client)
+    busy_before, total_before = procfs.machine_busy_s()
+    cpu_before = procfs.cpu_s(pids)
+    load = run_wrk(
+        target.urls[traffic],
+        body_file=bodies[traffic],
+        authorization=target.authorization,
+        stream_header=target.stream_header if traffic == "stream" else None,
+        connections=connections,
+        duration_s=duration_s,
+    )
+    cpu_s = procfs.cpu_s(pids) - cpu_before
+    busy_after, total_after = procfs.machine_busy_s()
+    memory = procfs.memory(target.roots[traffic])
+    figures: dict[str, Any] = {
+        "proxy_cpu_us_per_request": round(cpu_s * 1e6 / load.requests, 1),
+        "wrk_cpu_percent": round(100 * load.wrk_cpu_s / load.duration_s, 1),
+        "machine_busy_percent": round(
+            100 * (busy_after - busy_before) / max(total_after - total_before, 1e-9), 1
+        ),
+        "rss_per_worker_mib": round(
+            sum(memory.worker_rss_bytes) / len(memory.worker_rss_bytes) / 2**20, 1
+        ),
+        "rss_total_mib": round(memory.total_rss_bytes / 2**20, 1),
+        "redis": None,
+    }
+    if target.metrics_url:
+        redis_cpu_s = _redis_cpu_s(redis_client) - redis_cpu_before
+        counts_after, served_after = _quiet(redis_client, target.metrics_url)
+        figures["redis"] = _redis_figures(
+            counts_before, counts_after, served_after - served_before, redis_cpu_s, load.requests
+        )
+    return load, figures
+
+
+def _targets(
+    stack: ExitStack, tmp: Path, options: argparse.Namespace, upstream: Nginx, rs: RedisServer
+) -> list[Target]:
+    """The proxies under test, started and registered on `stack` to be stopped."""
+    targets: list[Target] = []
+    key = ""
+    for workers in (1,) if options.smoke else (1, 2):
+        directory = tmp / f"tollgate-{workers}w"
+        server = stack.enter_context(
+            _tollgate(directory, upstream_url=upstream.url + "/v1", redis_url=rs.url,
+                      workers=workers)
+        )  # fmt: skip
+        assert server.process is not None
+        key = key or _create_key(server.url)
+        url = server.url + "/v1/chat/completions"
+        targets.append(Target(
+            name=f"tollgate-{workers}w", urls=dict.fromkeys(TRAFFIC, url),
+            roots=dict.fromkeys(TRAFFIC, server.process.pid), authorization=f"Bearer {key}",
+            stream_header=STREAM_HEADER, exact=True, metrics_url=server.url + "/metrics",
+        ))  # fmt: skip
+    if not options.smoke:
+        proxy = stack.enter_context(nginx_server(tmp / "nginx", upstream_port=upstream.port))
+        url = proxy.url + "/v1/chat/completions"
+        targets.append(Target(
+            name="nginx", urls=dict.fromkeys(TRAFFIC, url), roots=dict.fromkeys(TRAFFIC, proxy.pid),
+            authorization=f"Bearer {key}", stream_header=STREAM_HEADER, exact=True,
+        ))  # fmt: skip
+    if options.litellm:
+        urls, roots = {}, {}
+        for traffic in TRAFFIC:
+            prefix = STREAM_PATH_PREFIX if traffic == "stream" else ""
+            server = stack.enter_context(
+                litellm.litellm_server(tmp / f"litellm-{traffic}",
+                                       api_base=f"{upstream.url}{prefix}/v1")
+            )  # fmt: skip
+            assert server.process is not None
+            urls[traffic] = server.url + "/v1/chat/completions"
+            roots[traffic] = server.process.pid
+        targets.append(Target(
+            name="litellm", urls=urls, roots=roots,
+            authorization=f"Bearer {litellm.MASTER_KEY}", stream_header=None, exact=False,
+        ))  # fmt: skip
+    return targets
+
+
+def run(options: argparse.Namespace) -> dict[str, Any]:
+    """Start everything, check every target, run the rounds; returns the report."""
+    started = time.monotonic()
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tollgate-bench-")))
+        upstream = stack.enter_context(nginx_server(tmp / "upstream"))
+        rs = stack.enter_context(redis_server())
+        redis_client = redis.Redis.from_url(rs.url, decode_responses=True)
+        stack.callback(redis_client.close)
+        targets = _targets(stack, tmp, options, upstream, rs)
+        direct_url = upstream.url + "/v1/chat/completions"
+        targets.append(Target(
+            name="direct", urls=dict.fromkeys(TRAFFIC, direct_url),
+            roots=dict.fromkeys(TRAFFIC, upstream.pid), authorization=targets[0].authorization,
+            stream_header=STREAM_HEADER, exact=True,
+        ))  # fmt: skip
+        checks = {t.name: check(t) for t in targets}
+        bodies = {}
+        for traffic in TRAFFIC:
+            bodies[traffic] = tmp / f"body-{traffic}.json"
+            bodies[traffic].write_bytes(request_body(traffic))
+        for target in targets:  # pools filled, scripts cached, first-call paths taken
+            for traffic in TRAFFIC:
+                run_wrk(
+                    target.urls[traffic], body_file=bodies[traffic],
+                    authorization=target.authorization,
+                    stream_header=target.stream_header if traffic == "stream" else None,
+                    connections=max(CONNECTIONS), duration_s=WARMUP_S, warmup=True,
+                )  # fmt: skip
+        runs: list[dict[str, Any]] = []
+        for round_ in range(options.rounds):
+            for traffic in TRAFFIC:
+                for connections in CONNECTIONS:
+                    for target in targets:  # alternating, so drift hits every target alike
+                        load, figures = measure(
+                            target, traffic, connections, duration_s=options.duration,
+                            bodies=bodies, redis_client=redis_client,
+                        )  # fmt: skip
+                        runs.append(report.run_record(
+                            round_, target.name, traffic, connections, load, figures
+                        ))  # fmt: skip
+                        print(report.progress(runs[-1]), file=sys.stderr, flush=True)
+        profile = None
+        if options.profile:
+            tollgate = targets[0]
+            profile = pyspy.profile(
+                tollgate.roots["json"], seconds=options.profile, out=options.profile_out,
+                binary=options.py_spy,
+                load=lambda: run_wrk(
+                    tollgate.urls["json"], body_file=bodies["json"],
+                    authorization=tollgate.authorization, stream_header=None,
+                    connections=max(CONNECTIONS), duration_s=options.profile,
+                ),
+            )  # fmt: skip
+    return {
+        "settings": {"rounds": options.rounds, "duration_s": options.duration,
+                     "connections": list(CONNECTIONS), "smoke": options.smoke,
+                     "targets": [t.name for t in targets]},
+        "environment": report.environment(nginx_binary(), wrk_binary()),
+        "checks": checks,
+        "rows": report.rows(runs),
+        "runs": runs,
+        "profile": profile,
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }  # fmt: skip
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds every context manager: all servers stop
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3, help="A B A B ... rounds (1-10)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (1-60)")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="write the report here")
+    parser.add_argument(
+        "--smoke", action="store_true", help="1 round of 1 s runs: Tollgate (1 worker), direct"
+    )
+    parser.add_argument(
+        "--litellm", action="store_true", help=f"add LiteLLM {litellm.VERSION} ({litellm.VENV})"
+    )
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="SECONDS",
+        help="then py-spy Tollgate (1 worker) under a non-streaming run",
+    )  # fmt: skip
+    parser.add_argument("--py-spy", dest="py_spy", default=None, help="py-spy binary")
+    parser.add_argument("--profile-out", dest="profile_out", type=Path, default=DEFAULT_PROFILE)
+    options = parser.parse_args(argv)
+    if options.smoke:
+        options.rounds, options.duration = 1, 1
+    if not (1 <= options.rounds <= 10 and 1 <= options.duration <= 60):
+        parser.error("--rounds must be 1-10 and --duration 1-60")
+    options.profile = max(0, min(options.profile, 60))
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, _stop)
+    result = run(options)
+    print(report.table(result["rows"]))
+    print()
+    print(report.load_table(result["rows"]))
+    if result["profile"]:
+        print()
+        print(pyspy.table(result["profile"], title="Tollgate (1 worker), json, c32"))
+    options.json.parent.mkdir(parents=True, exist_ok=True)
+    options.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"\nreport written to {options.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""nginx for the HTTP benchmark: the fast mock upstream and the reference reverse proxy.
+
+Each runs in the foreground (`daemon off`) from a generated config in its own directory and in
+its own process group, so stopping it also stops its worker even after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.servers import free_port, wait_for
+
+STREAM_HEADER = "X-Bench-Stream"  # the mock upstream answers with SSE when a request has it
+STREAM_PATH_PREFIX = "/stream"  # ... or when its path starts with this (for proxies that
+# forward no client header)
+CONTENT_CHUNKS = 20
+_ID = "chatcmpl-bench0123456789"
+_CREATED = 1764000000
+_MODEL = "gpt-4o-mini"
+_USAGE = {"prompt_tokens": 39, "completion_tokens": CONTENT_CHUNKS, "total_tokens": 39 + 20}
+
+
+def completion_body() -> bytes:
+    """The static non-streaming answer: a chat.completion with usage."""
+    body = {
+        "id": _ID, "object": "chat.completion", "created": _CREATED, "model": _MODEL,
+        "system_fingerprint": "fp_bench",
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hamlet avenges his father; all die.",
+                        "refusal": None},
+            "logprobs": None, "finish_reason": "stop",
+        }],
+        "usage": _USAGE,
+    }  # fmt: skip
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def stream_events() -> list[bytes]:
+    """The static streaming answer: CONTENT_CHUNKS chunks, a usage chunk, then [DONE]."""
+    events: list[bytes] = []
+    for index in range(CONTENT_CHUNKS):
+        delta = {"role": "assistant", "content": ""} if index == 0 else {"content": f"w{index} "}
+        last = index == CONTENT_CHUNKS - 1
+        chunk = {
+            "id": _ID, "object": "chat.completion.chunk", "created": _CREATED, "model": _MODEL,
+            "system_fingerprint": "fp_bench",
+            "choices": [{"index": 0, "delta": {} if last else delta, "logprobs": None,
+                         "finish_reason": "stop" if last else None}],
+            "usage": None,
+        }  # fmt: skip
+        events.append(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")
+    usage = {
+        "id": _ID, "object": "chat.completion.chunk", "created": _CREATED, "model": _MODEL,
+        "system_fingerprint": "fp_bench", "choices": [], "usage": _USAGE,
+    }  # fmt: skip
+    events.append(b"data: " + json.dumps(usage, separators=(",", ":")).encode() + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def _quoted(text: bytes) -> str:
+    """An nginx single-quoted string; `$` would start a variable, so it must not occur."""
+    value = text.decode()
+    assert "$" not in value, "a $ in a mock body would be read as an nginx variable"
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+    return f"'{escaped}'"
+
+
+def _main(directory: Path, servers: str) -> str:
+    # Temp paths inside the run's directory; a request body this small never touches them.
+    temp = "\n".join(
+        f"    {kind}_temp_path {directory / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""daemon off;
+master_process on;
+worker_processes 1;
+pid {directory / "nginx.pid"};
+error_log {directory / "error.log"} warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    server_tokens off;
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+{temp}
+{servers}
+}}
+"""
+
+
+def upstream_config(directory: Path, port: int) -> str:
+    """The mock upstream: a chat.completion, or the SSE stream when asked for one."""
+    events = stream_events()
+    # One `set` per event: a config token may not exceed nginx's 4 KiB parse buffer.
+    sets = "\n".join(f"            set $e{i} {_quoted(e)};" for i, e in enumerate(events))
+    joined = "".join(f"$e{i}" for i in range(len(events)))
+    header = "$http_" + STREAM_HEADER.lower().replace("-", "_")
+    servers = f"""    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location = /v1/chat/completions {{
+            if ({header}) {{ rewrite ^ /_stream last; }}
+            default_type application/json;
+            return 200 {_quoted(completion_body())};
+        }}
+        location = {STREAM_PATH_PREFIX}/v1/chat/completions {{ rewrite ^ /_stream last; }}
+        location = /_stream {{
+            internal;
+            default_type text/event-stream;
+{sets}
+            return 200 '{joined}';
+        }}
+    }}"""
+    return _main(directory, servers)
+
+
+def reverse_proxy_config(directory: Path, port: int, upstream_port: int) -> str:
+    """nginx as a plain reverse proxy with a keepalive pool, unbuffered so SSE flows through."""
+    servers = f"""    upstream mock {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 256;
+        keepalive_requests 10000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location / {{
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}"""
+    return _main(directory, servers)
+
+
+@dataclass(frozen=True, slots=True)
+class Nginx:
+    port: int
+    pid: int  # the master; its worker is its child
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def nginx_binary() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+@contextmanager
+def nginx_server(
+    directory: Path, *, upstream_port: int | None = None, binary: str | None = None
+) -> Iterator[Nginx]:
+    """The mock upstream, or (with `upstream_port`) the reverse proxy in front of it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)  # an unprivileged worker must reach its temp paths
+    port = free_port()
+    config = (
+        upstream_config(directory, port)
+        if upstream_port is None
+        else reverse_proxy_config(directory, port, upstream_port)
+    )
+    conf = directory / "nginx.conf"
+    conf.write_text(config, encoding="utf-8")
+    log = (directory / "stderr.txt").open("wb")
+    process = subprocess.Popen(
+        [binary or nginx_binary(), "-p", str(directory), "-c", str(conf),
+         "-e", str(directory / "error.log")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                errors = (directory / "error.log").read_text(errors="replace")
+                raise RuntimeError(f"nginx exited with {process.returncode}:\n{errors}")
+            return _answers(port)
+
+        wait_for(ready, timeout_s=15, what=f"nginx on {port}")
+        yield Nginx(port=port, pid=process.pid)
+    finally:
+        _stop_group(process)
+        log.close()
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (fast shutdown) to the master, then SIGKILL to the whole group it leads."""
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        process.wait(timeout=10)
