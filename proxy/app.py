@@ -44,25 +44,6 @@ _CLIENT_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 SETTLE_GRACE_S = 5.0
 
 
-class RequestTracker:
-    """Pure-ASGI middleware keeping the HTTP requests in progress, so shutdown can wait."""
-
-    def __init__(self, app: ASGIApp, *, requests: set[asyncio.Task[object]]) -> None:
-        self.app = app
-        self.requests = requests
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        task = asyncio.current_task()
-        if scope["type"] != "http" or task is None:
-            await self.app(scope, receive, send)
-            return
-        self.requests.add(task)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.requests.discard(task)
-
-
 async def _drain(requests: set[asyncio.Task[object]], timeout_s: float) -> None:
     """Wait (bounded) until no request of this process is still running (or settling)."""
     loop = asyncio.get_running_loop()
@@ -76,17 +57,27 @@ async def _drain(requests: set[asyncio.Task[object]], timeout_s: float) -> None:
 class RequestIdMiddleware:
     """Gives every request an id (the client's, if sane) and every response `x-request-id`.
 
-    It is also the last resort: an unexpected exception becomes an OpenAI-style 500 that
-    names no internals, with the same header.
+    It also keeps the requests in progress, so shutdown can wait for their settlement, and is
+    the last resort: an unexpected exception becomes an OpenAI-style 500 that names no
+    internals, with the same header.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, requests: set[asyncio.Task[object]]) -> None:
         self.app = app
+        self.requests = requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        task = asyncio.current_task()
+        if scope["type"] != "http" or task is None:
             await self.app(scope, receive, send)
             return
+        self.requests.add(task)
+        try:
+            await self._call(scope, receive, send)
+        finally:
+            self.requests.discard(task)
+
+    async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = b""
         for name, value in scope["headers"]:
             if name == b"x-request-id" and _CLIENT_REQUEST_ID.match(value):
@@ -209,6 +200,5 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={ProxyError: proxy_error, HTTPException: http_error},
     )
-    app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(RequestTracker, requests=requests)
+    app.add_middleware(RequestIdMiddleware, requests=requests)
     return app

@@ -85,7 +85,7 @@ class Limiter:
             marker,
         ]
         keys = store.admission_keys(presented.key_id)
-        reply = await self.store.call(lambda: self.store.admit_script(keys=keys, args=args))
+        reply = await self.store.run(self.store.admit_script, keys, args)
         return _decision(reply)
 
     async def settle(
@@ -113,7 +113,7 @@ class Limiter:
             record_json,
         ]
         keys = store.settlement_keys(key_id)
-        reply = await self.store.call(lambda: self.store.settle_script(keys=keys, args=args))
+        reply = await self.store.run(self.store.settle_script, keys, args)
         return bool(reply)
 
 

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
-from anyio import CancelScope
 from starlette.types import Receive, Scope, Send
 
 from proxy.errors import ProxyError, StoreUnavailable, UpstreamFailed, UpstreamTimeout
@@ -106,13 +105,12 @@ class Exchange:
     async def finish(self, *, status: int, billable: bool = True) -> None:
         """Close upstream, settle limits and credits, record usage and metrics; once only.
 
-        Shielded: a client that went away must not cancel its own settlement.
+        Callers reach it after any cancellation was caught, so its awaits run to the end.
         """
         if self._finished:
             return
         self._finished = True
-        with CancelScope(shield=True):
-            await self._finish(status, billable)
+        await self._finish(status, billable)
 
     async def _finish(self, status: int, billable: bool) -> None:
         gateway, admitted = self.gateway, self.admitted

@@ -89,6 +89,21 @@ class Store:
         self.admit_script: AsyncScript = client.register_script(_script_source("limits_admit"))
         self.settle_script: AsyncScript = client.register_script(_script_source("limits_settle"))
 
+    async def run(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
+        """EVALSHA a registered script (loading it on NOSCRIPT), with failures as StoreDown.
+
+        Straight to `evalsha`: redis-py's Script wrapper checks its client's type on every
+        call, which the hot path does not need.
+        """
+        try:
+            try:
+                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                await self.client.script_load(script.script)
+                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+        except STORE_ERRORS as exc:
+            raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
+
     async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis operation, translating connection failures into StoreDown."""
         try:
@@ -125,7 +140,6 @@ def open_store(settings: Settings) -> Store:
         "decode_responses": True,
         "socket_timeout": 2.0,
         "socket_connect_timeout": 2.0,
-        "health_check_interval": 30,
     }
     if settings.redis_cluster:
         return Store(RedisCluster.from_url(settings.redis_url, **common), cluster=True)

@@ -9,7 +9,7 @@ import httpx
 from httpx_aiohttp import AiohttpTransport
 
 from proxy.config import Settings
-from proxy.errors import UpstreamFailed
+from proxy.errors import InvalidRequest, UpstreamFailed
 
 # Request headers that describe this hop or the client's credential, never forwarded.
 _DROP_REQUEST = frozenset(
@@ -58,7 +58,13 @@ def response_headers(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
 
 
 class Upstream:
-    """Owns the one httpx.AsyncClient of this process (opened and closed by the lifespan)."""
+    """Owns this process's one upstream transport (opened and closed by the lifespan).
+
+    Requests go straight to the transport's `handle_async_request`: httpx's Request and
+    Response types stay, and AsyncClient's per-request machinery (auth flow, redirects, cookies,
+    hooks), which our calls never need, is skipped: 137 µs instead of 254 µs of CPU per
+    request measured here (README, Performance).
+    """
 
     def __init__(
         self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
@@ -66,11 +72,21 @@ class Upstream:
         self.base_url = settings.upstream_url
         self.api_key = settings.upstream_api_key
         limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-        self.client = httpx.AsyncClient(
-            transport=transport or AiohttpTransport(limits=limits, trust_env=False),
-            timeout=httpx.Timeout(settings.upstream_timeout_s + 5),
-            trust_env=False,
-        )
+        self.transport = transport or AiohttpTransport(limits=limits, trust_env=False)
+        # Only connecting is bounded here; the whole exchange has its own deadline.
+        connect_s = min(10.0, settings.upstream_timeout_s)
+        self._timeouts = {"timeout": {"connect": connect_s, "pool": connect_s}}
+        self._urls: dict[str, httpx.URL] = {}  # parsed once per path; queries are rare
+
+    def _url(self, path: str, query: bytes) -> httpx.URL | str:
+        if query:
+            return self.base_url + path + "?" + query.decode("latin-1")
+        url = self._urls.get(path)
+        if url is None:
+            url = httpx.URL(self.base_url + path)
+            if len(self._urls) < 1024:  # passed-through paths are the client's choice
+                self._urls[path] = url
+        return url
 
     async def send(
         self,
@@ -82,14 +98,21 @@ class Upstream:
         query: bytes = b"",
     ) -> httpx.Response:
         """Send and return as soon as the response head arrives (body still unread)."""
-        url = self.base_url + path + ("?" + query.decode("latin-1") if query else "")
-        request = self.client.build_request(method, url, headers=headers, content=content)
         try:
-            return await self.client.send(request, stream=True)
+            request = httpx.Request(
+                method,
+                self._url(path, query),
+                headers=headers,
+                content=content,
+                extensions=self._timeouts,
+            )
+            return await self.transport.handle_async_request(request)
+        except httpx.InvalidURL:
+            raise InvalidRequest("This path cannot be forwarded upstream") from None
         except httpx.HTTPError as exc:
             raise UpstreamFailed(
                 f"Upstream unreachable: {type(exc).__name__}", reason="connect"
             ) from exc
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.transport.aclose()

@@ -283,3 +283,12 @@ def test_headers_follow_openai_names_and_formats() -> None:
 def test_dimension_without_limit_sends_no_headers() -> None:
     headers = rate_limit_headers(Decision(verdict="ok", rpm=None, tpm=None))
     assert headers == []
+
+
+@pytest.mark.anyio
+async def test_scripts_are_reloaded_after_a_script_flush(store: Store) -> None:
+    key = await new_key(store, rpm=5)
+    assert (await key.admit(T0, request_id="before")).admitted
+    await store.client.script_flush()
+    assert (await key.admit(T0, request_id="after")).admitted
+    assert await key.settle("after", T0)

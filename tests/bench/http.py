@@ -397,7 +397,9 @@ def _stop(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3, help="A B A B ... rounds (1-10)")
-    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (1-60)")
+    parser.add_argument(
+        "--duration", type=int, default=None, help="seconds per wrk run (1-60; 5, smoke 1)"
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="write the report here")
     parser.add_argument(
         "--smoke", action="store_true", help="1 round of 1 s runs: Tollgate (1 worker), direct"
@@ -413,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-out", dest="profile_out", type=Path, default=DEFAULT_PROFILE)
     options = parser.parse_args(argv)
     if options.smoke:
-        options.rounds, options.duration = 1, 1
+        options.rounds = 1
+    options.duration = options.duration or (1 if options.smoke else 5)
     if not (1 <= options.rounds <= 10 and 1 <= options.duration <= 60):
         parser.error("--rounds must be 1-10 and --duration 1-60")
     options.profile = max(0, min(options.profile, 60))
