@@ -65,7 +65,7 @@ class Gateway:
                 "store unreachable while settling %s: spooled (%s)", settlement["request_id"], exc
             )
             await asyncio.to_thread(self.spool.append, settlement)
-            self.metrics.spooled.inc()
+            self.metrics.spooled.set(self.spool.pending())
 
     async def replay_spool(self) -> int:
         """Send spooled settlements to the store; returns how many landed."""
@@ -85,11 +85,11 @@ class Gateway:
                     claimed.unlink()
                     return landed
                 landed += 1
-                self.metrics.spooled.dec()
             claimed.unlink()
         return landed
 
     async def replay_forever(self) -> None:
+        """Replay the spool every few seconds; the gauge shows what still waits in it."""
         while True:
             await asyncio.sleep(REPLAY_INTERVAL_S)
             if self.spool.files():
@@ -97,6 +97,7 @@ class Gateway:
                     await self.replay_spool()
                 except Exception:  # a replay round must never kill the loop
                     log.exception("spool replay failed; retrying")
+                self.metrics.spooled.set(self.spool.pending())
 
     async def sweep_forever(self) -> None:
         """Sweep requests of dead proxies, at about half a lease apart."""

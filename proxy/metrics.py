@@ -69,8 +69,8 @@ class Metrics:
             "tollgate_store_errors", "Store operations that failed", registry=r
         )
         self.spooled = Gauge(
-            "tollgate_spooled_usage_records", "Usage records waiting in the spool",
-            registry=r, multiprocess_mode="livesum",
+            "tollgate_spooled_usage_records", "Usage records waiting in the spool directory",
+            registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.fail_open = Counter(
             "tollgate_fail_open_admissions", "Requests admitted unchecked while the store was down",

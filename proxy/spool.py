@@ -16,6 +16,23 @@ from typing import Any
 log = logging.getLogger("tollgate.spool")
 
 
+def _replaying(pid: int) -> bool:
+    """Whether the process that claimed a file may still be replaying it.
+
+    This process replays in one loop, so a claim of its own pid found at the start of a round
+    was left by an earlier process with the same pid (a restarted container).
+    """
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Spool:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -33,10 +50,16 @@ class Spool:
                 os.fsync(spool_file.fileno())
 
     def files(self) -> list[Path]:
-        """Every spool file in the directory, also those a dead process left behind."""
+        """Every spool file in the directory, also those a dead process left behind: its own
+        files and the ones it had claimed for a replay it never finished."""
         if not self.directory.is_dir():
             return []
-        return sorted(self.directory.glob("usage-*.jsonl"))
+        found = list(self.directory.glob("usage-*.jsonl"))
+        for claimed in self.directory.glob("usage-*.replaying-*"):
+            owner = claimed.suffix.removeprefix(".replaying-")
+            if owner.isdigit() and not _replaying(int(owner)):
+                found.append(claimed)
+        return sorted(found)
 
     def pending(self) -> int:
         count = 0

@@ -1,0 +1,58 @@
+"""The usage spool: what waits on disk while Redis is down is replayed once, including files a
+dead process left behind mid-replay."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from proxy import store as keys_of
+from proxy.spool import Spool
+from tests.conftest import Harness
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def _settlement(key_id: str, request_id: str) -> dict[str, Any]:
+    record = {"request_id": request_id, "ts": "2026-11-22T00:00:00.000+00:00", "model": "m",
+              "prompt_tokens": 3, "completion_tokens": 4, "cost_usd": 0.0}  # fmt: skip
+    return {
+        "key_id": key_id, "request_id": request_id, "day": "2026-11-22", "model": "m",
+        "prompt_tokens": 3, "completion_tokens": 4, "cost_micros": 0,
+        "record_json": json.dumps(record),
+    }  # fmt: skip
+
+
+def test_files_include_claims_of_dead_processes_but_not_of_live_ones(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    own = tmp_path / "usage-1.jsonl"
+    orphan = tmp_path / f"usage-2.replaying-{_dead_pid()}"
+    busy = tmp_path / f"usage-3.replaying-{os.getppid()}"
+    for path in (own, orphan, busy):
+        path.write_text("{}\n")
+    assert spool.files() == sorted([own, orphan])
+    assert spool.pending() == 2
+
+
+def test_replay_lands_every_spooled_record_exactly_once(harness: Harness) -> None:
+    key_id = harness.create_key()["id"]
+    spool = harness.gateway.spool
+    spool.append(_settlement(key_id, "spooled-1"))
+    orphan = spool.directory / f"usage-77.replaying-{_dead_pid()}"
+    orphan.write_text(json.dumps(_settlement(key_id, "orphaned-1")) + "\n")
+    # A record that already landed (a crash after settling, before the file was cut).
+    assert harness.run(harness.gateway.limiter.settle, **_settlement(key_id, "orphaned-1"))
+
+    assert harness.run(harness.gateway.replay_spool) == 2
+    assert spool.files() == []
+    entries = harness.run(harness.gateway.store.client.xrange, keys_of.usage_key(key_id))
+    ids = sorted(json.loads(fields["r"])["request_id"] for _, fields in entries)
+    assert ids == ["orphaned-1", "spooled-1"]
