@@ -44,6 +44,7 @@ class Admitted:
         return json.dumps(
             {
                 "ts": self.ts,
+                "model": self.model,
                 "path": self.path,
                 "stream": self.stream,
                 "prompt": self.prompt_estimate,
@@ -67,30 +68,19 @@ class Exchange:
             self.ttft_s = time.perf_counter() - self.admitted.started
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The upstream body as it arrives, metered, within the exchange's deadline."""
+        """The upstream body as it arrives, metered. The deadline is RelayResponse's timer."""
         assert self.response is not None
         meter = self.meter = StreamMeter()
-        iterator = self.response.aiter_raw()
-        deadline = self.admitted.deadline
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    chunk = await anext(iterator)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                self.gateway.metrics.upstream_errors.labels("timeout").inc()
-                raise UpstreamTimeout(self.gateway.settings.upstream_timeout_s) from None
-            except httpx.HTTPError as exc:
-                self.gateway.metrics.upstream_errors.labels("connect").inc()
-                raise UpstreamFailed(
-                    f"Upstream connection failed mid-response: {type(exc).__name__}",
-                    reason="connect",
-                ) from exc
-            if self.ttft_s is None:
-                self.first_byte()
-            meter.feed(chunk)
-            yield chunk
+        try:
+            async for chunk in self.response.aiter_raw():
+                meter.feed(chunk)
+                yield chunk
+        except httpx.HTTPError as exc:
+            self.gateway.metrics.upstream_errors.labels("connect").inc()
+            raise UpstreamFailed(
+                f"Upstream connection failed mid-response: {type(exc).__name__}",
+                reason="connect",
+            ) from exc
 
     def final_usage(self, *, upstream_reached: bool) -> Usage:
         if self.usage is not None:
@@ -172,25 +162,32 @@ class RelayResponse:
         self.headers = headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Relay until the upstream ends; a client that leaves or the exchange's deadline
+        cancels the upstream read at once (one watcher task and one timer per stream, rather
+        than a timeout per chunk)."""
         task = asyncio.current_task()
         assert task is not None
         relaying = True
-        disconnected = False
+        stopped_by = ""  # "client" or "deadline", when one of them cancelled the relay
+
+        def stop(reason: str) -> None:
+            nonlocal stopped_by
+            if relaying and not stopped_by:
+                stopped_by = reason
+                task.cancel()
 
         async def watch_disconnect() -> None:
-            nonlocal disconnected
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    disconnected = True
-                    if relaying:
-                        task.cancel()
-                    return
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            stop("client")
 
         watcher = asyncio.ensure_future(watch_disconnect())
+        timer = asyncio.get_running_loop().call_at(
+            self.exchange.admitted.deadline, stop, "deadline"
+        )
         status = self.status
-        metrics = self.exchange.gateway.metrics
-        metrics.active_streams.inc()
+        gateway = self.exchange.gateway
+        gateway.metrics.active_streams.inc()
         try:
             await send({"type": "http.response.start", "status": status, "headers": self.headers})
             try:
@@ -205,22 +202,33 @@ class RelayResponse:
             relaying = False
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not disconnected:
-                # The server cancels what is left when its shutdown deadline passes: tell the
-                # client with one error event, and record the stream as cut short.
-                cut = StoreUnavailable("Tollgate is shutting down; the stream was cut short")
-                status = cut.status_code
+            if stopped_by == "client":
+                task.uncancel()
+                status = CLIENT_CLOSED
+            else:
+                if stopped_by == "deadline":
+                    task.uncancel()
+                    gateway.metrics.upstream_errors.labels("timeout").inc()
+                    ending: ProxyError = UpstreamTimeout(gateway.settings.upstream_timeout_s)
+                else:
+                    # The server cancels what is left when its shutdown deadline passes.
+                    ending = StoreUnavailable("Tollgate is shutting down; the stream was cut short")
+                status = ending.status_code
                 with contextlib.suppress(Exception):
                     await send(
-                        {"type": "http.response.body", "body": cut.sse_event(), "more_body": False}
+                        {
+                            "type": "http.response.body",
+                            "body": ending.sse_event(),
+                            "more_body": False,
+                        }
                     )
-                raise
-            task.uncancel()
-            status = CLIENT_CLOSED
+                if stopped_by != "deadline":
+                    raise
         except OSError:  # the server reports a client that is gone
             status = CLIENT_CLOSED
         finally:
             relaying = False
+            timer.cancel()
             watcher.cancel()
-            metrics.active_streams.dec()
+            gateway.metrics.active_streams.dec()
             await self.exchange.finish(status=status)

@@ -71,6 +71,7 @@ def test_killed_proxy_leaves_one_estimated_record_and_no_reservation(
             mine = [r for r in records() if r["request_id"] == seen["request_id"]]
             assert len(mine) == 1
             assert mine[0]["usage_source"] == "estimated"
+            assert mine[0]["model"] == "mock-gated"
             assert mine[0]["status"] == SWEPT_STATUS
             assert mine[0]["prompt_tokens"] > 0
             after = httpx.get(f"{survivor.url}/admin/keys/{record['id']}", headers=admin).json()

@@ -113,3 +113,29 @@ def test_usage_totals_equal_upstream_usage_over_a_mixed_run(short_stack: Stack) 
     after = short_stack.admin.key(key["id"])
     assert round(after["credits"] * 1_000_000) == 10_000_000 - charged
     assert after["reserved_credits"] == 0
+
+
+def test_stream_past_the_deadline_ends_with_a_timeout_event_and_one_record(
+    short_stack: Stack,
+) -> None:
+    since = datetime.now(UTC)
+    key = short_stack.admin.create_key(name="stream-deadline", max_concurrency=1)
+    headers = {"authorization": f"Bearer {key['key']}"}
+    body = {"model": "mock-gated", "messages": MESSAGES, "stream": True}
+    with (
+        httpx.Client(base_url=short_stack.url, headers=headers, timeout=20) as client,
+        client.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        request_id = response.headers["x-request-id"]
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    error = json.loads(events[-1].removeprefix("data: "))["error"]
+    assert error["type"] == "upstream_timeout"
+    assert error["message"] == "Request timed out (1-second upstream limit)"
+    assert "data: [DONE]" not in events
+    record = short_stack.admin.record(request_id, since=since.timestamp())
+    assert (record["status"], record["usage_source"]) == (504, "estimated")
+    # The slot is free again: the next request passes max_concurrency=1.
+    with httpx.Client(base_url=short_stack.url, headers=headers, timeout=20) as client:
+        body = {"model": "gpt-4o-mini", "messages": MESSAGES}
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
