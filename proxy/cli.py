@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import gc
 import io
 import json
 import logging
@@ -25,6 +26,7 @@ from typing import Any
 from proxy.config import ConfigError, Settings, load_settings
 
 STARTUP_FAILURE = 2
+GC_THRESHOLD = 10_000  # allocations between young collections; Python's default is 700
 
 
 def _limit(raw: str) -> int | None:
@@ -94,7 +96,14 @@ def build_app() -> Any:
     """uvicorn's factory in each worker process: Settings from the (inherited) environment."""
     from proxy.app import create_app
 
-    return create_app(load_settings(os.environ))
+    app = create_app(load_settings(os.environ))
+    # What is loaded now lives as long as the process: keep the collector off it, and collect
+    # young objects less often (a request allocates a few hundred). Measured: about 7 % less
+    # CPU per request and a lower p99 (README, Performance).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 50)
+    return app
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
