@@ -151,7 +151,7 @@ def _arrival(request: Request, presented: PresentedKey, **fields: Any) -> Admitt
         request_id=request.scope["state"]["request_id"],
         key_id=presented.key_id,
         key_name="",
-        path=request.url.path,
+        path=request.scope["path"],  # request.url would build a whole URL
         started=time.perf_counter(),
         deadline=asyncio.get_running_loop().time() + settings.upstream_timeout_s,
         ts=time.time(),
@@ -351,7 +351,7 @@ async def passthrough(request: Request) -> Response:
         request,
         Exchange(gateway, admitted),
         decision,
-        upstream_path="/" + request.url.path.split("/v1/", 1)[1],
+        upstream_path="/" + request.scope["path"].split("/v1/", 1)[1],
         content=raw or None,
         expect_chat=False,
     )

@@ -129,9 +129,11 @@ def _run_phase(
     tally, samples = Tally(), list[dict[str, Any]]()
     pids = procfs.tree(probe.root)
     cpu_before, self_before, started = procfs.cpu_s(pids), _self_cpu_s(), time.monotonic()
+    busy_before, total_before = procfs.machine_busy_s()
     asyncio.run(sampled(probe, name, tally, samples, load(tally), bound_s=bound_s))
     seconds = time.monotonic() - started
     cpu_s, self_s = procfs.cpu_s(pids) - cpu_before, _self_cpu_s() - self_before
+    busy_after, total_after = procfs.machine_busy_s()
     drained = _until(probe.drained, timeout_s=DRAIN_S)
     after = {**probe.sample(name, started, tally), "after_drain": True}
     samples.append(after)
@@ -162,6 +164,10 @@ def _run_phase(
         "drained": drained, "store_after_drain": store_after,
         "tollgate_cpu_percent": round(100 * cpu_s / seconds, 1),
         "generator_cpu_percent": round(100 * self_s / seconds, 1),
+        # Of all cores together: well above Tollgate + generator + Redis + nginx means someone
+        # else was running too.
+        "machine_busy_percent": round(
+            100 * (busy_after - busy_before) / max(total_after - total_before, 1e-9), 1),
     }, samples  # fmt: skip
 
 

@@ -123,9 +123,11 @@ def summary(result: dict[str, Any]) -> str:
          f"{p2['usage_records']} / {p2['completed'] + p2['aborted']}"),
         ("answered by status (tollgate_requests_total)", p1["answered_by_status"],
          p2["answered_by_status"]),
-        ("CPU % of a core: Tollgate / this generator",
-         f"{p1['tollgate_cpu_percent']} / {p1['generator_cpu_percent']}",
-         f"{p2['tollgate_cpu_percent']} / {p2['generator_cpu_percent']}"),
+        ("CPU % of a core: Tollgate / this generator; machine busy % (all cores)",
+         f"{p1['tollgate_cpu_percent']} / {p1['generator_cpu_percent']}; "
+         f"{p1['machine_busy_percent']}",
+         f"{p2['tollgate_cpu_percent']} / {p2['generator_cpu_percent']}; "
+         f"{p2['machine_busy_percent']}"),
     ]  # fmt: skip
     lines = ["| figure | phase 1: slow streams | phase 2: mixed load |", "|---|---|---|"]
     lines += [f"| {name} | {a} | {b} |" for name, a, b in rows]
