@@ -3,7 +3,7 @@
 # lint (ruff), types (mypy --strict) and pytest (unit + integration on real Redis/Prometheus).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/venv.sh test
+VENV_EXTRAS=test . scripts/venv.sh
 
 need=()
 for pair in redis-server:redis-server redis-cli:redis-tools prometheus:prometheus \

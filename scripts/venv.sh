@@ -1,5 +1,6 @@
 # Sourced by scripts/demo.sh and scripts/test.sh: makes .venv with Tollgate installed.
-# Usage: . scripts/venv.sh [EXTRAS]   (EXTRAS e.g. "test")
+# Usage: VENV_EXTRAS=test . scripts/venv.sh   (a sourced file sees its caller's arguments,
+# so the extras come in a variable)
 set -euo pipefail
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 apt_install() {
@@ -13,4 +14,8 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv 2>/dev/null || { rm -rf .venv; apt_install python3-venv; python3 -m venv .venv; }
 fi
 .venv/bin/pip install -q --upgrade pip
-if [ -n "${1:-}" ]; then .venv/bin/pip install -q -e ".[$1]"; else .venv/bin/pip install -q -e .; fi
+if [ -n "${VENV_EXTRAS:-}" ]; then
+  .venv/bin/pip install -q -e ".[$VENV_EXTRAS]"
+else
+  .venv/bin/pip install -q -e .
+fi
