@@ -229,9 +229,13 @@ def _maximum(url: str, key: str, directory: Path, probe: Probe) -> Load:
     """Tollgate's non-streaming maximum right now: wrk, 5 s, 32 connections (after 1 s)."""
     body = directory / "body-json.json"
     body.write_bytes(request_body("json"))
-    for seconds in (1, 5):
-        load = run_wrk(url, body_file=body, authorization=f"Bearer {key}", stream_header=None,
-                       connections=32, duration_s=seconds, warmup=seconds == 1)  # fmt: skip
+
+    def wrk(seconds: int) -> Load:
+        return run_wrk(url, body_file=body, authorization=f"Bearer {key}", stream_header=None,
+                       connections=32, duration_s=seconds, warmup=seconds < 5)  # fmt: skip
+
+    wrk(1)  # the non-streaming path's first calls, outside the measured run
+    load = wrk(5)
     if not _until(probe.drained, timeout_s=DRAIN_S):
         raise SoakError("requests cut off by wrk's stop never settled")
     return load
@@ -326,9 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short", action="store_true", help="100 streams, 20 s + 20 s")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="write the report here")
     options = parser.parse_args(argv)
-    options.streams = options.streams or (100 if options.short else 1000)
-    options.phase1 = options.phase1 or (20.0 if options.short else 180.0)
-    options.phase2 = options.phase2 or (20.0 if options.short else 600.0)
+    for name, full, short in (("streams", 1000, 100), ("phase1", 180.0, 20.0),
+                              ("phase2", 600.0, 20.0)):  # fmt: skip
+        if getattr(options, name) is None:
+            setattr(options, name, short if options.short else full)
     if not (1 <= options.streams <= 5000 and 5 <= options.phase1 <= 3600
             and 5 <= options.phase2 <= 3600):  # fmt: skip
         parser.error("--streams must be 1-5000, --phase1 and --phase2 5-3600 seconds")
