@@ -31,6 +31,7 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 KEY_INDEX = "tollgate:keys"
+REDIS_POOL_SIZE = 64  # connections per process to a single Redis
 
 
 class StoreDown(Exception):
@@ -143,5 +144,9 @@ def open_store(settings: Settings) -> Store:
     }
     if settings.redis_cluster:
         return Store(RedisCluster.from_url(settings.redis_url, **common), cluster=True)
-    client = aioredis.Redis.from_url(settings.redis_url, **common)
-    return Store(client)
+    # A bounded pool: a burst waits for a connection instead of opening more for good, so many
+    # replicas stay within Redis' maxclients.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=REDIS_POOL_SIZE, timeout=2.0, **common
+    )
+    return Store(aioredis.Redis(connection_pool=pool))
