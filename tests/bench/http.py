@@ -374,7 +374,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                 load=lambda: run_wrk(
                     tollgate.urls["json"], body_file=bodies["json"],
                     authorization=tollgate.authorization, stream_header=None,
-                    connections=max(CONNECTIONS), duration_s=options.profile,
+                    connections=options.profile_connections, duration_s=options.profile,
                 ),
             )  # fmt: skip
     return {
@@ -412,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         help="then py-spy Tollgate (1 worker) under a non-streaming run",
     )  # fmt: skip
     parser.add_argument("--py-spy", dest="py_spy", default=None, help="py-spy binary")
+    parser.add_argument(
+        "--profile-connections", dest="profile_connections", type=int, default=max(CONNECTIONS),
+        help="connections during the profile (1 shows the per-request fixed costs)",
+    )
     parser.add_argument("--profile-out", dest="profile_out", type=Path, default=DEFAULT_PROFILE)
     options = parser.parse_args(argv)
     if options.smoke:
