@@ -251,7 +251,7 @@ async def forward(
             gateway.metrics.upstream_errors.labels("status").inc()
             await exchange.finish(status=502, billable=False)
             raise UpstreamFailed(f"Upstream answered with status {status}", reason="status")
-        if (status < 300 and b'"usage"' in payload) or (status < 300 and expect_chat):
+        if status < 300 and (expect_chat or b'"usage"' in payload):
             parsed = _json_or_none(payload)
             if expect_chat and (parsed is None or admitted.stream):
                 gateway.metrics.upstream_errors.labels("invalid").inc()
