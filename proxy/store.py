@@ -32,6 +32,7 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
 
 KEY_INDEX = "tollgate:keys"
 REDIS_POOL_SIZE = 64  # connections per process to a single Redis
+REDIS_POOL_WAIT_S = 30.0
 
 
 class StoreDown(Exception):
@@ -145,8 +146,9 @@ def open_store(settings: Settings) -> Store:
     if settings.redis_cluster:
         return Store(RedisCluster.from_url(settings.redis_url, **common), cluster=True)
     # A bounded pool: a burst waits for a connection instead of opening more for good, so many
-    # replicas stay within Redis' maxclients.
+    # replicas stay within Redis' maxclients. Waiting for one is queueing under load, not a
+    # store failure, so it may take long (each operation itself is bounded by socket_timeout).
     pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=REDIS_POOL_SIZE, timeout=2.0, **common
+        settings.redis_url, max_connections=REDIS_POOL_SIZE, timeout=REDIS_POOL_WAIT_S, **common
     )
     return Store(aioredis.Redis(connection_pool=pool))

@@ -413,7 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--py-spy", dest="py_spy", default=None, help="py-spy binary")
     parser.add_argument(
-        "--profile-connections", dest="profile_connections", type=int, default=max(CONNECTIONS),
+        "--profile-connections",
+        dest="profile_connections",
+        type=int,
+        default=max(CONNECTIONS),
         help="connections during the profile (1 shows the per-request fixed costs)",
     )
     parser.add_argument("--profile-out", dest="profile_out", type=Path, default=DEFAULT_PROFILE)

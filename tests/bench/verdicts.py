@@ -89,7 +89,7 @@ def summary(result: dict[str, Any]) -> str:
     rows = [
         ("load", f"{s['streams']} slow streams held open (~{s['slow_stream_s']:.0f} s each)",
          f"{p2['target_requests_per_s']:.0f} req/s offered = {100 * s['load_fraction']:.0f} % "
-         f"of {p2['maximum_requests_per_s']:.0f} (wrk, 32 conns, json); 80 % json, 20 % "
+         f"of {p2['maximum_requests_per_s']:.0f} (mix maximum, wrk, 32 conns); 80 % json, 20 % "
          "fast streams"),
         ("duration s", p1["duration_s"], p2["duration_s"]),
         ("streams / requests done", f"{p1['completed']} completed + {p1['aborted']} cut at the end",
