@@ -154,14 +154,21 @@ def redis_store(real_redis: RedisServer) -> RedisServer:
     return real_redis
 
 
-@pytest.fixture(scope="session")
-def mock() -> Iterator[Mock]:
+@contextmanager
+def running_mock() -> Iterator[Mock]:
+    """The mock upstream as a real process, with its inspection client."""
     with mock_upstream_server() as url:
         mock = Mock(url)
         try:
             yield mock
         finally:
             mock.client.close()
+
+
+@pytest.fixture(scope="session")
+def mock() -> Iterator[Mock]:
+    with running_mock() as mock:
+        yield mock
 
 
 @pytest.fixture(scope="session")

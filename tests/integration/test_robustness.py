@@ -11,8 +11,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import MESSAGES, Mock, Stack, new_request_id, running_stack
-from tests.servers import RedisServer, mock_upstream_server
+from tests.integration.conftest import (
+    MESSAGES,
+    Mock,
+    Stack,
+    new_request_id,
+    running_mock,
+    running_stack,
+)
+from tests.servers import RedisServer
 
 MODEL = "gpt-4o-mini"
 ELEVEN_MB = 11 * 1024 * 1024
@@ -21,12 +28,8 @@ ELEVEN_MB = 11 * 1024 * 1024
 @pytest.fixture(scope="module")
 def mock() -> Iterator[Mock]:
     """This module's own upstream: the 10 MB bodies it keeps must not slow other modules."""
-    with mock_upstream_server() as url:
-        mock = Mock(url)
-        try:
-            yield mock
-        finally:
-            mock.client.close()
+    with running_mock() as mock:
+        yield mock
 
 
 @pytest.fixture(scope="module")
