@@ -140,7 +140,7 @@ async def admit(
                 admitted.route, admitted.model, refusal.status_code, decision.key_name
             )
             raise refusal
-        gateway.remember_key(presented.key_hash, presented.key_id, decision.key_name)
+        gateway.remember_key(presented.key_hash, decision.key_name)
     return replace(admitted, key_name=decision.key_name), decision
 
 

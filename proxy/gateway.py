@@ -36,24 +36,24 @@ class Gateway:
     keyring: Keyring
     spool: Spool
     sweeper: Sweeper
-    # key hash -> (key id, key name, monotonic expiry): keys seen lately, for fail-open.
-    recent_keys: dict[str, tuple[str, str, float]] = field(default_factory=dict)
+    # key hash -> (key name, monotonic expiry): keys seen lately, for fail-open.
+    recent_keys: dict[str, tuple[str, float]] = field(default_factory=dict)
     models_cache: tuple[float, list[dict[str, Any]]] | None = None
     _fail_open_logged: float = 0.0
 
-    def remember_key(self, key_hash: str, key_id: str, key_name: str) -> None:
+    def remember_key(self, key_hash: str, key_name: str) -> None:
         if self.settings.fail_open:
-            self.recent_keys[key_hash] = (key_id, key_name, time.monotonic() + FAIL_OPEN_MEMORY_S)
+            self.recent_keys[key_hash] = (key_name, time.monotonic() + FAIL_OPEN_MEMORY_S)
 
     def recent_key_name(self, key_hash: str) -> str | None:
         entry = self.recent_keys.get(key_hash)
-        if entry is None or entry[2] < time.monotonic():
+        if entry is None or entry[1] < time.monotonic():
             return None
         now = time.monotonic()
         if now - self._fail_open_logged > 60:
             self._fail_open_logged = now
             log.warning("store unreachable: admitting known keys without limits (fail-open)")
-        return entry[1]
+        return entry[0]
 
     async def settle(self, settlement: dict[str, Any]) -> None:
         """Settle one finished request; when the store is down, keep it in the spool."""
@@ -65,7 +65,7 @@ class Gateway:
                 "store unreachable while settling %s: spooled (%s)", settlement["request_id"], exc
             )
             await asyncio.to_thread(self.spool.append, settlement)
-            self.metrics.spooled.set(self.spool.pending())
+            self.metrics.spooled.inc()  # the replay loop sets the exact count every round
 
     async def replay_spool(self) -> int:
         """Send spooled settlements to the store; returns how many landed."""
