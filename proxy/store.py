@@ -17,6 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from proxy.config import Settings
+from proxy.redis_mux import RedisMux
 
 log = logging.getLogger("tollgate.store")
 T = TypeVar("T")
@@ -33,6 +34,7 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
 KEY_INDEX = "tollgate:keys"
 REDIS_POOL_SIZE = 64  # connections per process to a single Redis
 REDIS_POOL_WAIT_S = 30.0
+REDIS_TIMEOUT_S = 2.0  # a Redis that has not answered in this long counts as down
 
 
 class StoreDown(Exception):
@@ -84,20 +86,30 @@ def _script_source(name: str) -> str:
 class Store:
     """A Redis (or in-process) client plus the registered Lua scripts."""
 
-    def __init__(self, client: Any, *, embedded: bool = False, cluster: bool = False) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        embedded: bool = False,
+        cluster: bool = False,
+        mux: RedisMux | None = None,
+    ) -> None:
         self.client = client
         self.embedded = embedded
         self.cluster = cluster
+        self.mux = mux  # the hot path's shared connection, when the server allows one
         self.admit_script: AsyncScript = client.register_script(_script_source("limits_admit"))
         self.settle_script: AsyncScript = client.register_script(_script_source("limits_settle"))
 
     async def run(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
         """EVALSHA a registered script (loading it on NOSCRIPT), with failures as StoreDown.
 
-        Straight to `evalsha`: redis-py's Script wrapper checks its client's type on every
-        call, which the hot path does not need.
+        Over the shared connection when there is one; otherwise straight to redis-py's
+        `evalsha` (its Script wrapper checks its client's type on every call).
         """
         try:
+            if self.mux is not None:
+                return await self.mux.evalsha(script.sha, script.script, keys, args)
             try:
                 return await self.client.evalsha(script.sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
@@ -120,6 +132,8 @@ class Store:
             return False
 
     async def aclose(self) -> None:
+        if self.mux is not None:
+            await self.mux.aclose()
         await self.client.aclose()
 
 
@@ -140,8 +154,8 @@ def open_store(settings: Settings) -> Store:
         return Store(embedded_client(), embedded=True)
     common: dict[str, Any] = {
         "decode_responses": True,
-        "socket_timeout": 2.0,
-        "socket_connect_timeout": 2.0,
+        "socket_timeout": REDIS_TIMEOUT_S,
+        "socket_connect_timeout": REDIS_TIMEOUT_S,
     }
     if settings.redis_cluster:
         return Store(RedisCluster.from_url(settings.redis_url, **common), cluster=True)
@@ -151,4 +165,9 @@ def open_store(settings: Settings) -> Store:
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=REDIS_POOL_SIZE, timeout=REDIS_POOL_WAIT_S, **common
     )
-    return Store(aioredis.Redis(connection_pool=pool))
+    mux = (
+        RedisMux(settings.redis_url, timeout_s=REDIS_TIMEOUT_S, connect_timeout_s=REDIS_TIMEOUT_S)
+        if RedisMux.supports(settings.redis_url)
+        else None
+    )
+    return Store(aioredis.Redis(connection_pool=pool), mux=mux)

@@ -19,7 +19,8 @@ import redis.asyncio as aioredis
 
 from proxy.keys import Keyring, parse_key
 from proxy.limits import Limiter
-from proxy.store import Store
+from proxy.redis_mux import RedisMux
+from proxy.store import REDIS_TIMEOUT_S, Store
 from tests.servers import redis_server
 
 _IN_SCRIPTS = frozenset(
@@ -38,9 +39,11 @@ def _percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def measure(url: str, *, requests: int, concurrency: int) -> dict[str, Any]:
+async def measure(url: str, *, requests: int, concurrency: int, client_path: str) -> dict[str, Any]:
+    """client_path: "mux" (the proxy's shared connection) or "redis-py" (a pool)."""
     client = aioredis.Redis.from_url(url, decode_responses=True)
-    store = Store(client)
+    mux = RedisMux(url, timeout_s=REDIS_TIMEOUT_S, connect_timeout_s=REDIS_TIMEOUT_S)
+    store = Store(client, mux=mux if client_path == "mux" else None)
     record = await Keyring(store).create(
         name="bench",
         limits={"rpm": 10**9, "tpm": 10**12, "max_concurrency": 10**6},
@@ -97,8 +100,9 @@ async def measure(url: str, *, requests: int, concurrency: int) -> dict[str, Any
     redis_cpu_s = sum(
         float(after_cpu[f]) - float(before_cpu[f]) for f in ("used_cpu_sys", "used_cpu_user")
     )
-    await client.aclose()
+    await store.aclose()
     return {
+        "client": client_path,
         "requests": done,
         "concurrency": concurrency,
         "round_trips_per_request": round(round_trips / done, 3),
@@ -114,13 +118,13 @@ async def measure(url: str, *, requests: int, concurrency: int) -> dict[str, Any
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| concurrency | requests | round trips/req | commands in scripts/req | "
+    head = ("| client | concurrency | requests | round trips/req | commands in scripts/req | "
             "admit p50 / p99 ms | settle p50 / p99 ms | Redis CPU µs/req | req/s |")  # fmt: skip
-    lines = [head, "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
-            f"| {r['concurrency']} | {r['requests']} | {r['round_trips_per_request']} | "
-            f"{r['script_commands_per_request']} | "
+            f"| {r['client']} | {r['concurrency']} | {r['requests']} | "
+            f"{r['round_trips_per_request']} | {r['script_commands_per_request']} | "
             f"{r['admit_p50_ms']} / {r['admit_p99_ms']} | {r['settle_p50_ms']} / "
             f"{r['settle_p99_ms']} | {r['redis_cpu_us_per_request']} | {r['requests_per_s']} |"
         )
@@ -129,7 +133,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def run(requests: int) -> list[dict[str, Any]]:
     with redis_server() as server:
-        return [asyncio.run(measure(server.url, requests=requests, concurrency=c)) for c in (1, 32)]
+        return [
+            asyncio.run(measure(server.url, requests=requests, concurrency=c, client_path=path))
+            for path in ("mux", "redis-py")
+            for c in (1, 32)
+        ]
 
 
 def main() -> None:

@@ -17,7 +17,9 @@ from tests.servers import REPO
 
 def test_limiter_benchmark_runs_and_counts_one_round_trip_per_phase() -> None:
     rows = limiter.run(requests=64)
-    assert [r["concurrency"] for r in rows] == [1, 32]
+    assert [(r["client"], r["concurrency"]) for r in rows] == [
+        ("mux", 1), ("mux", 32), ("redis-py", 1), ("redis-py", 32)
+    ]  # fmt: skip
     for row in rows:
         assert row["requests"] == 64
         # Exactly one EVALSHA to admit and one to settle: the property, not a timing.

@@ -1,0 +1,185 @@
+"""The hot path's shared Redis connection against a real redis-server: replies reach the right
+callers, a cancelled caller does not shift anyone's reply, a silent Redis times out, and a
+restarted one is reconnected to."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.exceptions
+
+from proxy.config import load_settings
+from proxy.keys import new_key, parse_key
+from proxy.limits import Limiter
+from proxy.redis_mux import RedisMux
+from proxy.store import Store, StoreDown, open_store
+from tests.servers import RedisServer, redis_server, wait_for
+
+pytestmark = pytest.mark.anyio
+SCRIPT = "return {KEYS[1], ARGV[1], tonumber(ARGV[2]) + 1}"
+
+
+def mux(url: str, timeout_s: float = 2.0) -> RedisMux:
+    return RedisMux(url, timeout_s=timeout_s, connect_timeout_s=2.0)
+
+
+async def test_concurrent_calls_each_get_their_own_reply(real_redis: RedisServer) -> None:
+    connection = mux(real_redis.url)
+    try:
+        replies = await asyncio.gather(*(connection.execute("ECHO", f"r{i}") for i in range(300)))
+        assert replies == [f"r{i}" for i in range(300)]
+        assert await connection.execute("INCRBY", "mux:counter", 5) >= 5
+        assert await connection.execute("GET", "mux:absent") is None
+    finally:
+        await connection.aclose()
+
+
+async def test_a_script_redis_forgot_is_loaded_again(real_redis: RedisServer) -> None:
+    client: Any = redis.asyncio.Redis.from_url(real_redis.url, decode_responses=True)
+    script = client.register_script(SCRIPT)
+    connection = mux(real_redis.url)
+    try:
+        real_redis.cli("SCRIPT", "FLUSH")
+        reply = await connection.evalsha(script.sha, script.script, ["{k}a"], ["x", 41])
+        assert reply == ["{k}a", "x", 42]
+        assert real_redis.cli("SCRIPT", "EXISTS", script.sha) == "1"
+    finally:
+        await connection.aclose()
+        await client.aclose()
+
+
+async def test_an_error_reply_is_raised_and_the_connection_stays_usable(
+    real_redis: RedisServer,
+) -> None:
+    connection = mux(real_redis.url)
+    try:
+        await connection.execute("SET", "mux:text", "abc")
+        with pytest.raises(redis.exceptions.ResponseError, match="not an integer"):
+            await connection.execute("INCR", "mux:text")
+        assert await connection.execute("ECHO", "still here") == "still here"
+    finally:
+        await connection.aclose()
+
+
+async def test_a_cancelled_caller_does_not_shift_the_replies(real_redis: RedisServer) -> None:
+    connection = mux(real_redis.url)
+    try:
+        blocked = asyncio.ensure_future(connection.execute("BLPOP", "mux:never", "0.3"))
+        await asyncio.sleep(0.05)
+        blocked.cancel()
+        # Sent after BLPOP on the same connection: its reply arrives second and must not be
+        # handed BLPOP's.
+        assert await connection.execute("ECHO", "mine") == "mine"
+        assert blocked.cancelled()
+    finally:
+        await connection.aclose()
+
+
+async def test_a_silent_redis_fails_every_waiting_call_then_is_reconnected(
+    real_redis: RedisServer,
+) -> None:
+    connection = mux(real_redis.url, timeout_s=0.3)
+    try:
+        started = time.monotonic()
+        waiting = [
+            asyncio.ensure_future(connection.execute("BLPOP", "mux:never", "5")),
+            asyncio.ensure_future(connection.execute("ECHO", "behind it")),
+        ]
+        results = await asyncio.gather(*waiting, return_exceptions=True)
+        assert all(isinstance(r, redis.exceptions.TimeoutError) for r in results), results
+        assert time.monotonic() - started < 2.0
+        assert await connection.execute("ECHO", "again") == "again"
+    finally:
+        await connection.aclose()
+
+
+async def test_a_restarted_redis_is_reconnected_and_the_outage_is_store_down() -> None:
+    with redis_server() as server:
+        store = Store(
+            redis.asyncio.Redis.from_url(server.url, decode_responses=True), mux=mux(server.url)
+        )
+        limiter = Limiter(store, lease_ms=1000)
+        stranger = parse_key(new_key("0123456789abcdef"))
+        assert stranger is not None
+
+        async def admit() -> str:
+            decision = await limiter.admit(
+                stranger, request_id="r1", model="m", token_estimate=1, cost_micros=0
+            )
+            return decision.verdict
+
+        try:
+            assert await admit() == "unknown_key"
+            server.stop()
+            with pytest.raises(StoreDown):
+                await admit()
+            server.start()
+            assert await admit() == "unknown_key"
+        finally:
+            await store.aclose()
+
+
+async def test_password_and_database_from_the_url() -> None:
+    with redis_server() as server:
+        server.cli("CONFIG", "SET", "requirepass", "s3cret")
+        base = f"127.0.0.1:{server.port}"
+        connection = mux(f"redis://:s3cret@{base}/3")
+        wrong = mux(f"redis://:wrong@{base}/0")
+        anonymous = mux(f"redis://{base}/0")
+        try:
+            await connection.execute("SET", "mux:db", "three")
+            out = subprocess.run(
+                ["redis-cli", "-p", str(server.port), "-a", "s3cret", "-n", "3", "GET", "mux:db"],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            assert out.stdout.strip() == "three"
+            with pytest.raises(redis.exceptions.ConnectionError):
+                await wrong.execute("PING")
+            with pytest.raises(redis.exceptions.ConnectionError):  # NOAUTH is a store failure
+                await anonymous.execute("PING")
+        finally:
+            for each in (connection, wrong, anonymous):
+                await each.aclose()
+
+
+async def test_unix_socket_url() -> None:
+    directory = Path(tempfile.mkdtemp(prefix="tollgate-redis-unix-"))
+    socket_path = directory / "redis.sock"
+    process = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", "0", "--save", "",
+         "--unixsocket", str(socket_path), "--dir", str(directory)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(socket_path.exists, what="redis unix socket")
+        connection = mux(f"unix://{socket_path}?db=2")
+        try:
+            assert await connection.execute("ECHO", "over unix") == "over unix"
+            assert " db=2 " in await connection.execute("CLIENT", "INFO")
+        finally:
+            await connection.aclose()
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_the_shared_connection_is_used_for_plain_redis_only(tmp_path: Path) -> None:
+    def store_for(url: str, cluster: bool = False) -> Store:
+        env = {"TOLLGATE_REDIS_URL": url, "TOLLGATE_ADMIN_TOKEN": "x" * 32,
+               "TOLLGATE_SPOOL_DIR": str(tmp_path)}  # fmt: skip
+        if cluster:
+            env["TOLLGATE_REDIS_CLUSTER"] = "true"
+        return open_store(load_settings(env))
+
+    assert store_for("redis://127.0.0.1:6379/0").mux is not None
+    assert store_for("unix:///tmp/redis.sock").mux is not None
+    assert store_for("rediss://127.0.0.1:6379/0").mux is None  # TLS options stay redis-py's
+    assert store_for("redis://127.0.0.1:7000", cluster=True).mux is None
