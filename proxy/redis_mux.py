@@ -8,7 +8,8 @@ reply resolves the oldest future (6 µs per call, and Redis reads many commands 
 One watchdog timer per connection replaces the per-call timeouts: when the oldest call has
 waited longer than the timeout the connection is dropped and every waiting call fails.
 
-Everything else (admin, usage queries, the sweeper, Redis Cluster, TLS) stays on redis-py.
+On Redis Cluster there is one such connection per master, routed by redis-py's slot map.
+Everything else (admin, usage queries, the sweeper, TLS) stays on redis-py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import hiredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
 
 _PENDING = tuple[asyncio.Future[Any], float]  # (the caller's future, loop time it was sent)
@@ -104,10 +106,19 @@ class _Wire(asyncio.Protocol):
 class RedisMux:
     """A lazily (re)connected shared connection to one Redis server."""
 
-    def __init__(self, url: str, *, timeout_s: float, connect_timeout_s: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float,
+        connect_timeout_s: float,
+        address: tuple[str, int] | None = None,
+    ) -> None:
+        """`address` overrides the URL's host and port (a cluster node; the URL's credentials
+        still apply)."""
         options = parse_url(url)
-        self.host: str = options.get("host", "localhost")
-        self.port: int = options.get("port", 6379)
+        self.host: str = address[0] if address else options.get("host", "localhost")
+        self.port: int = address[1] if address else options.get("port", 6379)
         self.path: str | None = options.get("path")
         self.username: str | None = options.get("username")
         self.password: str | None = options.get("password")
@@ -189,6 +200,63 @@ class RedisMux:
         if self._wire is not None:
             self._wire.fail(redis.exceptions.ConnectionError("Connection to Redis closed"))
             self._wire = None
+
+
+# Cluster replies meaning "not here, not now": the script did not run.
+_REDIRECTS = frozenset({"MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"})
+
+
+class ClusterMux:
+    """Script calls on Redis Cluster: each goes over the shared connection of the master that
+    owns its slot (every key of one call shares a hash tag, so one slot).
+
+    redis-py's cluster client keeps the slot map. A redirect reply sends that one call through
+    redis-py, which follows it and refreshes the map; after a lost connection the map is
+    reloaded before the next call, so a failover is picked up.
+    """
+
+    def __init__(
+        self, client: RedisCluster, url: str, *, timeout_s: float, connect_timeout_s: float
+    ) -> None:
+        self.client = client
+        self.url = url
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self._nodes: dict[str, RedisMux] = {}
+        self._stale = False
+
+    async def evalsha(self, sha: str, script: Any, keys: list[str], args: list[Any]) -> Any:
+        client = self.client
+        await client.initialize()  # once; later calls return at once
+        if self._stale:
+            self._stale = False
+            await client.nodes_manager.initialize()
+        node = client.get_node_from_key(keys[0])
+        if node is None:
+            self._stale = True
+            raise redis.exceptions.ConnectionError("No cluster node serves this slot")
+        mux = self._nodes.get(node.name)
+        if mux is None:
+            mux = self._nodes[node.name] = RedisMux(
+                self.url,
+                timeout_s=self.timeout_s,
+                connect_timeout_s=self.connect_timeout_s,
+                address=(str(node.host), int(node.port)),
+            )
+        try:
+            return await mux.evalsha(sha, script, keys, args)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            self._stale = True
+            raise
+        except redis.exceptions.ResponseError as exc:
+            if str(exc).split(" ", 1)[0] not in _REDIRECTS:
+                raise
+            reply: Any = client.evalsha(sha, len(keys), *keys, *args)
+            return await reply
+
+    async def aclose(self) -> None:
+        for mux in self._nodes.values():
+            await mux.aclose()
 
 
 def _response_error(reply: redis.exceptions.ResponseError) -> redis.exceptions.RedisError:

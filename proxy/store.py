@@ -17,7 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from proxy.config import Settings
-from proxy.redis_mux import RedisMux
+from proxy.redis_mux import ClusterMux, RedisMux
 
 log = logging.getLogger("tollgate.store")
 T = TypeVar("T")
@@ -92,7 +92,7 @@ class Store:
         *,
         embedded: bool = False,
         cluster: bool = False,
-        mux: RedisMux | None = None,
+        mux: RedisMux | ClusterMux | None = None,
     ) -> None:
         self.client = client
         self.embedded = embedded
@@ -158,7 +158,18 @@ def open_store(settings: Settings) -> Store:
         "socket_connect_timeout": REDIS_TIMEOUT_S,
     }
     if settings.redis_cluster:
-        return Store(RedisCluster.from_url(settings.redis_url, **common), cluster=True)
+        cluster = RedisCluster.from_url(settings.redis_url, **common)
+        cluster_mux = (
+            ClusterMux(
+                cluster,
+                settings.redis_url,
+                timeout_s=REDIS_TIMEOUT_S,
+                connect_timeout_s=REDIS_TIMEOUT_S,
+            )
+            if RedisMux.supports(settings.redis_url)
+            else None
+        )
+        return Store(cluster, cluster=True, mux=cluster_mux)
     # A bounded pool: a burst waits for a connection instead of opening more for good, so many
     # replicas stay within Redis' maxclients. Waiting for one is queueing under load, not a
     # store failure, so it may take long (each operation itself is bounded by socket_timeout).

@@ -16,23 +16,32 @@ from redis.asyncio.cluster import RedisCluster
 from proxy import store as keys_of
 from proxy.keys import Keyring, PresentedKey, parse_key
 from proxy.limits import Decision, Limiter, rate_limit_headers
+from proxy.redis_mux import ClusterMux, RedisMux
 from proxy.store import Store, embedded_client
 
 T0 = 1_800_000_000_000  # a fixed "now" in ms
 LEASE_MS = 240_000
 
 
-@pytest.fixture(params=["fakeredis", "redis", "cluster"])
+@pytest.fixture(params=["fakeredis", "redis", "redis-mux", "cluster", "cluster-mux"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """Every scenario runs in-process, over redis-py and over the proxy's shared connections
+    (the hot path in production), on one Redis and on a cluster."""
+    mux: RedisMux | ClusterMux | None = None
+    timeouts = {"timeout_s": 2.0, "connect_timeout_s": 2.0}
     if request.param == "fakeredis":
         client: Any = embedded_client()
-    elif request.param == "redis":
-        server = request.getfixturevalue("real_redis")
-        client = aioredis.Redis.from_url(server.url, decode_responses=True)
+    elif request.param.startswith("redis"):
+        url = request.getfixturevalue("real_redis").url
+        client = aioredis.Redis.from_url(url, decode_responses=True)
+        if request.param == "redis-mux":
+            mux = RedisMux(url, **timeouts)
     else:
-        nodes = request.getfixturevalue("real_cluster")
-        client = RedisCluster.from_url(f"redis://127.0.0.1:{nodes[0].port}", decode_responses=True)
-    the_store = Store(client, cluster=request.param == "cluster")
+        url = f"redis://127.0.0.1:{request.getfixturevalue('real_cluster')[0].port}"
+        client = RedisCluster.from_url(url, decode_responses=True)
+        if request.param == "cluster-mux":
+            mux = ClusterMux(client, url, **timeouts)
+    the_store = Store(client, cluster=request.param.startswith("cluster"), mux=mux)
     yield the_store
     await the_store.aclose()
 

@@ -18,7 +18,7 @@ import redis.exceptions
 from proxy.config import load_settings
 from proxy.keys import new_key, parse_key
 from proxy.limits import Limiter
-from proxy.redis_mux import RedisMux
+from proxy.redis_mux import ClusterMux, RedisMux
 from proxy.store import Store, StoreDown, open_store
 from tests.servers import RedisServer, redis_server, wait_for
 
@@ -171,7 +171,7 @@ async def test_unix_socket_url() -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_the_shared_connection_is_used_for_plain_redis_only(tmp_path: Path) -> None:
+def test_shared_connections_are_used_except_over_tls(tmp_path: Path) -> None:
     def store_for(url: str, cluster: bool = False) -> Store:
         env = {"TOLLGATE_REDIS_URL": url, "TOLLGATE_ADMIN_TOKEN": "x" * 32,
                "TOLLGATE_SPOOL_DIR": str(tmp_path)}  # fmt: skip
@@ -179,7 +179,45 @@ def test_the_shared_connection_is_used_for_plain_redis_only(tmp_path: Path) -> N
             env["TOLLGATE_REDIS_CLUSTER"] = "true"
         return open_store(load_settings(env))
 
-    assert store_for("redis://127.0.0.1:6379/0").mux is not None
-    assert store_for("unix:///tmp/redis.sock").mux is not None
+    assert isinstance(store_for("redis://127.0.0.1:6379/0").mux, RedisMux)
+    assert isinstance(store_for("unix:///tmp/redis.sock").mux, RedisMux)
+    assert isinstance(store_for("redis://127.0.0.1:7000", cluster=True).mux, ClusterMux)
     assert store_for("rediss://127.0.0.1:6379/0").mux is None  # TLS options stay redis-py's
-    assert store_for("redis://127.0.0.1:7000", cluster=True).mux is None
+    assert store_for("rediss://127.0.0.1:7000", cluster=True).mux is None
+
+
+async def test_cluster_calls_go_to_the_slot_owner_and_redirects_fall_back_to_redis_py(
+    real_cluster: list[RedisServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"redis://127.0.0.1:{real_cluster[0].port}"
+    client: Any = redis.asyncio.RedisCluster.from_url(url, decode_responses=True)
+    script = client.register_script(SCRIPT)
+    cluster_mux = ClusterMux(client, url, timeout_s=2.0, connect_timeout_s=2.0)
+    through_redis_py: list[tuple[Any, ...]] = []
+    evalsha = client.evalsha
+
+    def counted(*args: Any) -> Any:
+        through_redis_py.append(args)
+        return evalsha(*args)
+
+    monkeypatch.setattr(client, "evalsha", counted)
+    try:
+        tags = [f"{{tag{i}}}x" for i in range(12)]  # spread over the masters
+        for tag in tags:
+            assert await cluster_mux.evalsha(script.sha, script.script, [tag], ["v", 1]) == [
+                tag, "v", 2
+            ]  # fmt: skip
+        assert through_redis_py == []
+        owners = {client.get_node_from_key(tag).name for tag in tags}
+        assert set(cluster_mux._nodes) == owners and len(owners) > 1
+
+        # A stale slot map: the wrong master answers MOVED and redis-py follows it.
+        right = client.get_node_from_key(tags[0])
+        wrong = next(n for n in client.get_primaries() if n.name != right.name)
+        monkeypatch.setattr(client, "get_node_from_key", lambda key, *a, **k: wrong)
+        reply = await cluster_mux.evalsha(script.sha, script.script, [tags[0]], ["w", 5])
+        assert reply == [tags[0], "w", 6]
+        assert len(through_redis_py) == 1
+    finally:
+        await cluster_mux.aclose()
+        await client.aclose()
