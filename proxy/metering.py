@@ -17,6 +17,8 @@ TOKENS_PER_MESSAGE = 4
 TOKENS_PER_IMAGE = 765
 
 _MAX_PENDING = 1 << 20
+# One encoder for the hot path's records: json.dumps builds a new one per call when given options.
+COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _TEXT_RE = re.compile(rb'"(?:content|arguments|reasoning_content|refusal)":\s?"((?:[^"\\]|\\.)*)"')
 
@@ -183,5 +185,5 @@ def settlement(
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "cost_micros": cost_micros,
-        "record_json": json.dumps(record, separators=(",", ":")),
+        "record_json": COMPACT_JSON.encode(record),
     }

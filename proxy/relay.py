@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.errors import ProxyError, StoreUnavailable, UpstreamFailed, UpstreamTimeout
 from proxy.gateway import Gateway
-from proxy.metering import StreamMeter, Usage, settlement
+from proxy.metering import COMPACT_JSON, StreamMeter, Usage, settlement
 
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer ended
 
@@ -41,15 +40,14 @@ class Admitted:
 
     def marker(self) -> str:
         """What the store keeps of a request in flight, for the sweeper if this process dies."""
-        return json.dumps(
+        return COMPACT_JSON.encode(
             {
                 "ts": self.ts,
                 "model": self.model,
                 "path": self.path,
                 "stream": self.stream,
                 "prompt": self.prompt_estimate,
-            },
-            separators=(",", ":"),
+            }
         )
 
 
