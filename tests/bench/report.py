@@ -123,8 +123,8 @@ def _version(command: list[str]) -> str:
 
 
 def environment(nginx: str, wrk: str) -> dict[str, Any]:
-    packages = ("starlette", "uvicorn", "httpx", "httpx-aiohttp", "aiohttp", "redis", "hiredis",
-                "uvloop", "httptools", "prometheus-client")  # fmt: skip
+    packages = ("starlette", "uvicorn", "httpx", "httptools", "uvloop", "redis", "hiredis",
+                "prometheus-client")  # fmt: skip
     versions: dict[str, str | None] = {}
     for name in packages:
         try:

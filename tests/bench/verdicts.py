@@ -8,9 +8,9 @@ from typing import Any
 
 RSS_GROWTH_LIMIT = 0.10  # RSS at the end of phase 2 may exceed its after-warm-up level by this
 # "Near idle": every socket but the Redis pool's is back, give or take this many. Upstream
-# keep-alive connections close after 5 s idle (httpx.Limits' keepalive_expiry, which Tollgate's
-# aiohttp transport uses), client ones when the load generator closes them. The Redis pool is
-# reported apart: redis-py's asyncio pool keeps every connection it opened (no idle timeout).
+# keep-alive connections close after 5 s idle (proxy/http1.py's keepalive_expiry), client ones
+# when the load generator closes them. The Redis pool is reported apart: redis-py's asyncio pool
+# keeps every connection it opened (no idle timeout).
 SOCKET_SLACK = 2
 
 
