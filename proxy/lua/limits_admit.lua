@@ -89,13 +89,20 @@ if verdict == 'ok' and credits then
 end
 
 if verdict == 'ok' then
+  local levels = {}
   if rpm then
     requests_level = requests_level - 1
-    redis.call('HSET', bucket_key, 'r', string.format('%.17g', requests_level), 'rt', now)
+    levels = {'r', string.format('%.17g', requests_level), 'rt', now}
   end
   if tpm then
     tokens_level = tokens_level - token_estimate
-    redis.call('HSET', bucket_key, 't', string.format('%.17g', tokens_level), 'tt', now)
+    table.insert(levels, 't')
+    table.insert(levels, string.format('%.17g', tokens_level))
+    table.insert(levels, 'tt')
+    table.insert(levels, now)
+  end
+  if #levels > 0 then
+    redis.call('HSET', bucket_key, unpack(levels))
   end
   redis.call('ZADD', inflight_key, now + lease_ms, request_id)
   redis.call('HSET', reserved_key, request_id, string.format('%d:%d:%s',

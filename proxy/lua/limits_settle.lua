@@ -41,6 +41,7 @@ redis.call('ZADD', settled_key, now, request_id)
 redis.call('ZREMRANGEBYSCORE', settled_key, '-inf', now - retention_ms)
 
 redis.call('ZREM', inflight_key, request_id)
+local rec = redis.call('HMGET', record_key, 'credits', 'tpm')
 local reservation = redis.call('HGET', reserved_key, request_id)
 if reservation then
   redis.call('HDEL', reserved_key, request_id)
@@ -51,12 +52,11 @@ if reservation then
   end
   -- Tokens: refund (or further debit) the difference between estimate and real use.
   -- The level may go negative, which delays later requests instead of losing tokens.
-  if estimate ~= used_tokens and redis.call('HEXISTS', record_key, 'tpm') == 1 then
+  if estimate ~= used_tokens and rec[2] then
     redis.call('HINCRBYFLOAT', bucket_key, 't', estimate - used_tokens)
   end
 end
 
-local rec = redis.call('HMGET', record_key, 'credits')
 if rec[1] and cost_micros ~= 0 then
   redis.call('HINCRBY', record_key, 'credits', -cost_micros)
 end
