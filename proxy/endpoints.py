@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -141,7 +140,8 @@ async def admit(
             )
             raise refusal
         gateway.remember_key(presented.key_hash, decision.key_name)
-    return replace(admitted, key_name=decision.key_name), decision
+    admitted.key_name = decision.key_name
+    return admitted, decision
 
 
 def _arrival(request: Request, presented: PresentedKey, **fields: Any) -> Admitted:

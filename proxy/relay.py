@@ -22,9 +22,13 @@ from proxy.metering import COMPACT_JSON, StreamMeter, Usage, settlement
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer ended
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Admitted:
-    """What is known about a request once it is admitted and before it goes upstream."""
+    """What is known about a request once it is admitted and before it goes upstream.
+
+    Built on arrival; admission fills in `key_name`. (Not frozen: a frozen dataclass sets each
+    field through object.__setattr__, and copying one costs more than the whole record.)
+    """
 
     request_id: str
     key_id: str
@@ -127,25 +131,18 @@ class Exchange:
             )
         )
         metrics = gateway.metrics
-        model = metrics.model(admitted.model)
-        metrics.answered(admitted.route, admitted.model, status, admitted.key_name)
-        metrics.duration.labels(
-            admitted.route, model, "true" if admitted.stream else "false"
-        ).observe(elapsed)
-        if self.ttft_s is not None:
-            metrics.ttft.labels(model).observe(self.ttft_s)
-        if usage.prompt_tokens:
-            metrics.tokens.labels(model, *metrics.keyed(admitted.key_name), "prompt").inc(
-                usage.prompt_tokens
-            )
-        if usage.completion_tokens:
-            metrics.tokens.labels(model, *metrics.keyed(admitted.key_name), "completion").inc(
-                usage.completion_tokens
-            )
-        if cost_micros:
-            metrics.cost.labels(model, *metrics.keyed(admitted.key_name)).inc(
-                cost_micros / 1_000_000
-            )
+        metrics.finished(
+            route=admitted.route,
+            model=admitted.model,
+            stream=admitted.stream,
+            status=status,
+            key_name=admitted.key_name,
+            elapsed_s=elapsed,
+            ttft_s=self.ttft_s,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cost_usd=cost_micros / 1_000_000,
+        )
         metrics.inflight.dec()
 
 
