@@ -15,7 +15,7 @@ from proxy.credits import PriceTable, load_prices
 ENV_VARIABLES: dict[str, str] = {
     "TOLLGATE_UPSTREAM_URL": "upstream base URL; /chat/completions, /models, ... are appended",
     "TOLLGATE_UPSTREAM_API_KEY": "credential sent upstream as Authorization: Bearer",
-    "TOLLGATE_REDIS_URL": "redis:// or rediss:// URL; unset means an in-process store",
+    "TOLLGATE_REDIS_URL": "redis://, rediss:// or unix:// URL; unset means an in-process store",
     "TOLLGATE_REDIS_CLUSTER": "true to use Redis Cluster (the URL names any seed node)",
     "TOLLGATE_ADMIN_TOKEN": "bearer token for /admin/*; the admin API is off when unset",
     "TOLLGATE_UPSTREAM_TIMEOUT": "seconds for the whole upstream exchange",
@@ -107,7 +107,9 @@ def load_settings(
     if "TOLLGATE_REDIS_URL" in env:
         url = env["TOLLGATE_REDIS_URL"]
         if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(f"TOLLGATE_REDIS_URL must be a redis:// or rediss:// URL: {url!r}")
+            raise ConfigError(
+                f"TOLLGATE_REDIS_URL must be a redis://, rediss:// or unix:// URL: {url!r}"
+            )
         values["redis_url"] = url
     for name, attr in (
         ("TOLLGATE_REDIS_CLUSTER", "redis_cluster"),

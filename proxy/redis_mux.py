@@ -9,13 +9,15 @@ One watchdog timer per connection replaces the per-call timeouts: when the oldes
 waited longer than the timeout the connection is dropped and every waiting call fails.
 
 On Redis Cluster there is one such connection per master, routed by redis-py's slot map.
-Everything else (admin, usage queries, the sweeper, TLS) stays on redis-py.
+Everything else (admin, usage queries, the sweeper, spool replay) stays on redis-py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import hiredis
@@ -123,6 +125,7 @@ class RedisMux:
         self.username: str | None = options.get("username")
         self.password: str | None = options.get("password")
         self.db: int = int(options.get("db") or 0)
+        self.tls = _tls_context(options) if url.startswith("rediss://") else None
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._wire: _Wire | None = None
@@ -130,8 +133,12 @@ class RedisMux:
 
     @staticmethod
     def supports(url: str) -> bool:
-        """Plain TCP and Unix sockets; TLS (rediss://) stays with redis-py's options."""
-        return url.startswith(("redis://", "unix://"))
+        """TCP, Unix sockets, and TLS with the common URL options; rarer TLS options (CA data,
+        ciphers, minimum version) leave the URL to redis-py."""
+        if url.startswith(("redis://", "unix://")):
+            return True
+        options = parse_url(url) if url.startswith("rediss://") else {}
+        return bool(options) and {k for k in options if k.startswith("ssl_")} <= _TLS_OPTIONS
 
     async def execute(self, *args: Any) -> Any:
         """One command; an error reply is raised as redis-py's ResponseError."""
@@ -175,7 +182,11 @@ class RedisMux:
                     )
                 else:
                     _, wire = await loop.create_connection(
-                        lambda: _Wire(self.timeout_s), self.host, self.port
+                        lambda: _Wire(self.timeout_s),
+                        self.host,
+                        self.port,
+                        ssl=self.tls,
+                        server_hostname=self.host if self.tls is not None else None,
                     )
                 handshake = []
                 if self.password is not None:
@@ -200,6 +211,29 @@ class RedisMux:
         if self._wire is not None:
             self._wire.fail(redis.exceptions.ConnectionError("Connection to Redis closed"))
             self._wire = None
+
+
+# The rediss:// URL options handled here, as redis-py's SSLConnection reads them.
+_TLS_OPTIONS = frozenset(
+    {"ssl_cert_reqs", "ssl_ca_certs", "ssl_check_hostname", "ssl_certfile", "ssl_keyfile"}
+)
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def _tls_context(options: Mapping[str, Any]) -> ssl.SSLContext:
+    """The context redis-py would build from the same URL: the system's trust store unless
+    `ssl_ca_certs` names one, certificates and host names checked unless turned off."""
+    context = ssl.create_default_context()
+    reqs = _CERT_REQS[str(options.get("ssl_cert_reqs", "required")).lower()]
+    context.check_hostname = bool(options.get("ssl_check_hostname", True)) and (
+        reqs != ssl.CERT_NONE
+    )
+    context.verify_mode = reqs
+    if options.get("ssl_certfile"):
+        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    if options.get("ssl_ca_certs"):
+        context.load_verify_locations(cafile=options["ssl_ca_certs"])
+    return context
 
 
 # Cluster replies meaning "not here, not now": the script did not run.

@@ -7,7 +7,7 @@ VENV_EXTRAS=test . scripts/venv.sh
 
 need=()
 for pair in redis-server:redis-server redis-cli:redis-tools prometheus:prometheus \
-    promtool:prometheus /usr/sbin/nginx:nginx-light wrk:wrk; do
+    promtool:prometheus /usr/sbin/nginx:nginx-light wrk:wrk openssl:openssl; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"

@@ -43,6 +43,20 @@ def free_cluster_port() -> int:
     raise RuntimeError("no free port for a Redis Cluster node")
 
 
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost, and its key, made by the openssl CLI
+    (scripts/test.sh installs it)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [shutil.which("openssl") or "openssl", "req", "-x509", "-newkey", "ec",
+         "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
 def wait_for(check: object, *, timeout_s: float = 15.0, what: str = "condition") -> None:
     """Poll `check()` until it returns truthy; fail loudly after `timeout_s`."""
     assert callable(check)

@@ -4,9 +4,7 @@ case (framing, disconnects, pool limits, cancellation, TLS) is exact."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -16,7 +14,7 @@ import httpx
 import pytest
 
 from proxy.http1 import Http1Transport
-from tests.servers import free_port
+from tests.servers import free_port, self_signed_certificate
 
 pytestmark = pytest.mark.anyio
 
@@ -476,22 +474,8 @@ async def test_unsupported_requests_fail_before_connecting() -> None:
             await fetch(transport, "http://127.0.0.1:9/", headers=smuggled)
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("the openssl CLI is needed to make a test certificate")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
 async def test_tls_with_a_trusted_self_signed_certificate(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert, key)
     trusting = ssl.create_default_context(cafile=str(cert))

@@ -20,7 +20,14 @@ from proxy.keys import new_key, parse_key
 from proxy.limits import Limiter
 from proxy.redis_mux import ClusterMux, RedisMux
 from proxy.store import Store, StoreDown, open_store
-from tests.servers import RedisServer, redis_server, wait_for
+from tests.servers import (
+    RedisServer,
+    _port_open,
+    free_port,
+    redis_server,
+    self_signed_certificate,
+    wait_for,
+)
 
 pytestmark = pytest.mark.anyio
 SCRIPT = "return {KEYS[1], ARGV[1], tonumber(ARGV[2]) + 1}"
@@ -171,7 +178,7 @@ async def test_unix_socket_url() -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_shared_connections_are_used_except_over_tls(tmp_path: Path) -> None:
+def test_shared_connections_unless_the_url_needs_redis_py(tmp_path: Path) -> None:
     def store_for(url: str, cluster: bool = False) -> Store:
         env = {"TOLLGATE_REDIS_URL": url, "TOLLGATE_ADMIN_TOKEN": "x" * 32,
                "TOLLGATE_SPOOL_DIR": str(tmp_path)}  # fmt: skip
@@ -182,8 +189,9 @@ def test_shared_connections_are_used_except_over_tls(tmp_path: Path) -> None:
     assert isinstance(store_for("redis://127.0.0.1:6379/0").mux, RedisMux)
     assert isinstance(store_for("unix:///tmp/redis.sock").mux, RedisMux)
     assert isinstance(store_for("redis://127.0.0.1:7000", cluster=True).mux, ClusterMux)
-    assert store_for("rediss://127.0.0.1:6379/0").mux is None  # TLS options stay redis-py's
-    assert store_for("rediss://127.0.0.1:7000", cluster=True).mux is None
+    assert isinstance(store_for("rediss://127.0.0.1:6379/0").mux, RedisMux)
+    assert store_for("rediss://127.0.0.1:6379/0?ssl_ciphers=HIGH").mux is None  # redis-py's
+    assert store_for("rediss://127.0.0.1:7000?ssl_ciphers=HIGH", cluster=True).mux is None
 
 
 async def test_cluster_calls_go_to_the_slot_owner_and_redirects_fall_back_to_redis_py(
@@ -221,3 +229,31 @@ async def test_cluster_calls_go_to_the_slot_owner_and_redirects_fall_back_to_red
     finally:
         await cluster_mux.aclose()
         await client.aclose()
+
+
+async def test_tls_redis_with_the_url_options(tmp_path: Path) -> None:
+    cert, key = self_signed_certificate(tmp_path)
+    port = free_port()
+    process = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", "0", "--tls-port", str(port),
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+         "--tls-auth-clients", "no", "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"rediss://127.0.0.1:{port}/0"
+    trusted = mux(f"{base}?ssl_ca_certs={cert}")
+    unchecked = mux(f"{base}?ssl_cert_reqs=none")
+    untrusted = mux(base)  # the system's trust store does not know this certificate
+    try:
+        wait_for(lambda: _port_open(port), what="redis TLS port")
+        assert await trusted.execute("ECHO", "over tls") == "over tls"
+        assert await unchecked.execute("ECHO", "unchecked") == "unchecked"
+        with pytest.raises(redis.exceptions.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusted.execute("PING")
+    finally:
+        for each in (trusted, unchecked, untrusted):
+            await each.aclose()
+        process.kill()
+        process.wait(timeout=10)
+    assert RedisMux.supports(f"{base}?ssl_ca_certs={cert}&ssl_cert_reqs=required")
+    assert not RedisMux.supports(f"{base}?ssl_ciphers=HIGH")  # left to redis-py
