@@ -33,11 +33,11 @@ local retention_ms = tonumber(ARGV[8])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
-if redis.call('ZSCORE', settled_key, request_id) then
+-- Remember settled ids for as long as records are retained, the window a replay can come in;
+-- an id already there was settled before.
+if redis.call('ZADD', settled_key, 'NX', now, request_id) == 0 then
   return 0
 end
--- Remember settled ids for as long as records are retained, the window a replay can come in.
-redis.call('ZADD', settled_key, now, request_id)
 redis.call('ZREMRANGEBYSCORE', settled_key, '-inf', now - retention_ms)
 
 redis.call('ZREM', inflight_key, request_id)

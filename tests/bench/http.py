@@ -166,7 +166,7 @@ def check(target: Target) -> dict[str, Any]:
     return found
 
 
-def _script_commands() -> frozenset[str]:
+def script_commands() -> frozenset[str]:
     """Every command Tollgate's Lua scripts issue: INFO commandstats counts those too."""
     scripts = [f for f in (resources.files("proxy") / "lua").iterdir() if f.name.endswith(".lua")]
     return frozenset(
@@ -216,7 +216,7 @@ def _redis_figures(
     # commandstats also counts what scripts run; a round trip is a script call or a command
     # no script issues.
     scripts = calls.get("evalsha", 0) + calls.get("eval", 0)
-    in_scripts = _script_commands() | _SCRIPT_CALLS
+    in_scripts = script_commands() | _SCRIPT_CALLS
     trips = scripts + sum(v for k, v in calls.items() if k not in in_scripts)
     return {
         "served": served,
