@@ -104,9 +104,9 @@ class Metrics:
         cost_usd: float,
     ) -> None:
         """Everything one request that reached the upstream adds to the metrics."""
+        self.answered(route, model, status, key_name)
         model = self.model(model)
         keyed = self.keyed(key_name)
-        self._child(self.requests, (route, model, str(status), *keyed)).inc()
         streamed = "true" if stream else "false"
         self._child(self.duration, (route, model, streamed)).observe(elapsed_s)
         if ttft_s is not None:

@@ -174,6 +174,7 @@ class RedisMux:
 
     async def _connect(self) -> _Wire:
         loop = asyncio.get_running_loop()
+        wire: _Wire | None = None
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 if self.path is not None:
@@ -188,22 +189,29 @@ class RedisMux:
                         ssl=self.tls,
                         server_hostname=self.host if self.tls is not None else None,
                     )
-                handshake = []
-                if self.password is not None:
-                    auth = (self.username, self.password) if self.username else (self.password,)
-                    handshake.append(wire.call(("AUTH", *auth)))
-                if self.db:
-                    handshake.append(wire.call(("SELECT", self.db)))
-                for reply in await asyncio.gather(*handshake):
-                    if isinstance(reply, redis.exceptions.ResponseError):
-                        wire.fail(redis.exceptions.ConnectionError(str(reply)))
-                        raise redis.exceptions.AuthenticationError(str(reply))
-        except TimeoutError:
-            raise redis.exceptions.TimeoutError("Timeout connecting to Redis") from None
-        except OSError as exc:
-            raise redis.exceptions.ConnectionError(f"Error connecting to Redis: {exc}") from exc
+                await self._handshake(wire)
+        except BaseException as exc:
+            if wire is not None:  # connected, but not usable: do not leave the socket open
+                wire.fail(redis.exceptions.ConnectionError("Connection to Redis abandoned"))
+            if isinstance(exc, TimeoutError):
+                raise redis.exceptions.TimeoutError("Timeout connecting to Redis") from None
+            if isinstance(exc, OSError):
+                raise redis.exceptions.ConnectionError(f"Error connecting to Redis: {exc}") from exc
+            raise
         self._wire = wire
         return wire
+
+    async def _handshake(self, wire: _Wire) -> None:
+        """AUTH and SELECT from the URL, sent together; a refusal is a connection failure."""
+        handshake = []
+        if self.password is not None:
+            auth = (self.username, self.password) if self.username else (self.password,)
+            handshake.append(wire.call(("AUTH", *auth)))
+        if self.db:
+            handshake.append(wire.call(("SELECT", self.db)))
+        for reply in await asyncio.gather(*handshake):
+            if isinstance(reply, redis.exceptions.ResponseError):
+                raise redis.exceptions.AuthenticationError(str(reply))
 
     async def aclose(self) -> None:
         if self._connecting is not None:
@@ -283,7 +291,7 @@ class ClusterMux:
             self._stale = True
             raise
         except redis.exceptions.ResponseError as exc:
-            if str(exc).split(" ", 1)[0] not in _REDIRECTS:
+            if _error_code(exc) not in _REDIRECTS:
                 raise
             reply: Any = client.evalsha(sha, len(keys), *keys, *args)
             return await reply
@@ -297,7 +305,7 @@ def _response_error(reply: redis.exceptions.ResponseError) -> redis.exceptions.R
     """The exception classes redis-py raises for an error reply; a server that refuses us
     (not authenticated, loading, a read-only replica after a failover) is a store failure."""
     message = str(reply)
-    code = message.split(" ", 1)[0]
+    code = _error_code(reply)
     if code == "NOSCRIPT":
         return redis.exceptions.NoScriptError(message)
     if code == "LOADING":
@@ -305,3 +313,8 @@ def _response_error(reply: redis.exceptions.ResponseError) -> redis.exceptions.R
     if code in ("NOAUTH", "WRONGPASS", "READONLY", "MASTERDOWN"):
         return redis.exceptions.ConnectionError(message)
     return reply
+
+
+def _error_code(reply: redis.exceptions.ResponseError) -> str:
+    """The first word of an error reply: MOVED, NOSCRIPT, WRONGPASS, ..."""
+    return str(reply).split(" ", 1)[0]

@@ -157,18 +157,12 @@ def open_store(settings: Settings) -> Store:
         "socket_timeout": REDIS_TIMEOUT_S,
         "socket_connect_timeout": REDIS_TIMEOUT_S,
     }
+    # The hot path's shared connection(s), unless the URL needs options only redis-py has.
+    shared = RedisMux.supports(settings.redis_url)
+    timeouts: dict[str, Any] = {"timeout_s": REDIS_TIMEOUT_S, "connect_timeout_s": REDIS_TIMEOUT_S}
     if settings.redis_cluster:
         cluster = RedisCluster.from_url(settings.redis_url, **common)
-        cluster_mux = (
-            ClusterMux(
-                cluster,
-                settings.redis_url,
-                timeout_s=REDIS_TIMEOUT_S,
-                connect_timeout_s=REDIS_TIMEOUT_S,
-            )
-            if RedisMux.supports(settings.redis_url)
-            else None
-        )
+        cluster_mux = ClusterMux(cluster, settings.redis_url, **timeouts) if shared else None
         return Store(cluster, cluster=True, mux=cluster_mux)
     # A bounded pool: a burst waits for a connection instead of opening more for good, so many
     # replicas stay within Redis' maxclients. Waiting for one is queueing under load, not a
@@ -176,9 +170,5 @@ def open_store(settings: Settings) -> Store:
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=REDIS_POOL_SIZE, timeout=REDIS_POOL_WAIT_S, **common
     )
-    mux = (
-        RedisMux(settings.redis_url, timeout_s=REDIS_TIMEOUT_S, connect_timeout_s=REDIS_TIMEOUT_S)
-        if RedisMux.supports(settings.redis_url)
-        else None
-    )
+    mux = RedisMux(settings.redis_url, **timeouts) if shared else None
     return Store(aioredis.Redis(connection_pool=pool), mux=mux)
