@@ -29,6 +29,12 @@ ENV_VARIABLES: dict[str, str] = {
     "TOLLGATE_SHUTDOWN_TIMEOUT": "seconds in-flight requests and streams get to finish on SIGTERM",
     "TOLLGATE_USAGE_RETENTION_DAYS": "days raw usage records are kept (aggregates are kept)",
     "TOLLGATE_LOG_LEVEL": "debug, info, warning or error",
+    "TOLLGATE_PASSTHROUGH_PATHS": "comma-separated /v1/* path patterns forwarded as they are",
+    "TOLLGATE_MAX_HEADER_BYTES": "largest request line plus headers of one request",
+    "TOLLGATE_MAX_HEADERS": "most header fields in one request",
+    "TOLLGATE_HEADER_TIMEOUT": "seconds a client gets to send a whole request head",
+    "TOLLGATE_MAX_CONNECTIONS": "open client connections per process; more are closed at once",
+    "TOLLGATE_UPSTREAM_CA_FILE": "PEM file of extra CAs trusted for https upstreams",
     "TOLLGATE_HOST": "listen address for serve (flag --host)",
     "TOLLGATE_PORT": "listen port for serve (flag --port)",
     "TOLLGATE_WORKERS": "worker processes for serve (flag --workers)",
@@ -63,6 +69,12 @@ class Settings:
     models_cache_s: float = 30.0
     metrics_multiprocess: bool = False  # PROMETHEUS_MULTIPROC_DIR is set
     usage_retention_days: int = 30
+    passthrough_paths: tuple[str, ...] = ()
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    header_timeout_s: float = 10.0
+    max_connections: int = 2048
+    upstream_ca_file: Path | None = None
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -83,6 +95,26 @@ def _number(name: str, raw: str, *, integer: bool = False, minimum: float = 0) -
     if value < minimum or value != value or value == float("inf"):
         raise ConfigError(f"{name} must be at least {minimum:g}, got {raw!r}")
     return value
+
+
+def _passthrough_paths(raw: str) -> tuple[str, ...]:
+    """`/v1/moderations,/v1/audio/*`: exact paths, or prefixes ending in `/*`, under /v1/."""
+    patterns = tuple(p.strip() for p in raw.split(",") if p.strip())
+    for pattern in patterns:
+        body = pattern.removesuffix("/*")
+        segments = body.split("/")[2:]
+        if (
+            not body.startswith("/v1/")
+            or "*" in body
+            or not all(segments)
+            or any(s in (".", "..") for s in segments)
+            or any(c in body for c in "%?#\\\x00")
+        ):
+            raise ConfigError(
+                "TOLLGATE_PASSTHROUGH_PATHS: each pattern is a /v1/ path, optionally ending "
+                f"in /*, without dot segments or %, ?, #: {pattern!r}"
+            )
+    return patterns
 
 
 def load_settings(
@@ -124,6 +156,10 @@ def load_settings(
         ("TOLLGATE_DEFAULT_MAX_TOKENS", "default_max_tokens", True, 1),
         ("TOLLGATE_SHUTDOWN_TIMEOUT", "shutdown_timeout_s", False, 0),
         ("TOLLGATE_USAGE_RETENTION_DAYS", "usage_retention_days", True, 1),
+        ("TOLLGATE_MAX_HEADER_BYTES", "max_header_bytes", True, 1024),
+        ("TOLLGATE_MAX_HEADERS", "max_headers", True, 8),
+        ("TOLLGATE_HEADER_TIMEOUT", "header_timeout_s", False, 0.1),
+        ("TOLLGATE_MAX_CONNECTIONS", "max_connections", True, 1),
         ("TOLLGATE_PORT", "port", True, 1),
         ("TOLLGATE_WORKERS", "workers", True, 1),
     ):
@@ -141,6 +177,13 @@ def load_settings(
         values["log_level"] = level
     if "TOLLGATE_SPOOL_DIR" in env:
         values["spool_dir"] = Path(env["TOLLGATE_SPOOL_DIR"])
+    if "TOLLGATE_PASSTHROUGH_PATHS" in env:
+        values["passthrough_paths"] = _passthrough_paths(env["TOLLGATE_PASSTHROUGH_PATHS"])
+    if "TOLLGATE_UPSTREAM_CA_FILE" in env:
+        ca_file = Path(env["TOLLGATE_UPSTREAM_CA_FILE"])
+        if not ca_file.is_file():
+            raise ConfigError(f"TOLLGATE_UPSTREAM_CA_FILE: no such file {str(ca_file)!r}")
+        values["upstream_ca_file"] = ca_file
     if "TOLLGATE_HOST" in env:
         values["host"] = env["TOLLGATE_HOST"]
     if "TOLLGATE_PRICES" in env:
