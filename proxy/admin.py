@@ -16,14 +16,21 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from proxy.credits import usd_to_micros
+from proxy.endpoints import read_body
 from proxy.errors import AuthenticationFailed, InvalidRequest, NotFound
 from proxy.gateway import Gateway
-from proxy.keys import LIMIT_FIELDS
+from proxy.keys import LIMIT_FIELDS, MAX_BALANCE_USD
 from proxy.usage import BadTime, default_window, export, key_usage, parse_time
 from proxy.validation import is_utf8, parse_json_object
 
 # Limits stay far below 2**53, where the Lua scripts' numbers would stop being exact.
 MAX_LIMIT = 10**12
+# Admin payloads are small; bounding them keeps key records (read on every admission) small.
+MAX_BODY_BYTES = 64 * 1024
+MAX_NAME_CHARS = 200
+MAX_METADATA_BYTES = 16 * 1024  # serialized as stored
+MAX_MODELS = 1_000
+MAX_MODEL_CHARS = 256
 
 
 def _nonneg_int(field: str, value: object) -> int | None:
@@ -41,10 +48,42 @@ def _usd(field: str, value: object) -> int:
         isinstance(value, bool)
         or not isinstance(value, int | float)
         or not math.isfinite(value)
-        or abs(value) > 1e12
+        or abs(value) > MAX_BALANCE_USD
     ):
-        raise InvalidRequest(f"{field} must be a number of USD", param=field)
+        raise InvalidRequest(
+            f"{field} must be a number of USD from -{MAX_BALANCE_USD:,} to {MAX_BALANCE_USD:,}",
+            param=field,
+        )
     return usd_to_micros(value)
+
+
+def _models(value: object) -> list[str] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_MODELS
+        or not all(
+            isinstance(m, str) and 0 < len(m) <= MAX_MODEL_CHARS and "\n" not in m for m in value
+        )
+    ):
+        raise InvalidRequest(
+            f"allowed_models must be null or a list of at most {MAX_MODELS} model names of "
+            f"1 to {MAX_MODEL_CHARS} characters on one line",
+            param="allowed_models",
+        )
+    return value or None
+
+
+def _metadata(value: object) -> dict[str, Any]:
+    metadata = value or {}
+    if not isinstance(metadata, dict):
+        raise InvalidRequest("metadata must be an object", param="metadata")
+    if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
+        raise InvalidRequest(
+            f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON", param="metadata"
+        )
+    return metadata
 
 
 def parse_key_fields(payload: dict[str, Any], *, creating: bool) -> dict[str, Any]:
@@ -56,29 +95,19 @@ def parse_key_fields(payload: dict[str, Any], *, creating: bool) -> dict[str, An
     out: dict[str, Any] = {}
     name = payload.get("name")
     if creating or "name" in payload:
-        if not isinstance(name, str) or not name.strip() or len(name) > 200:
-            raise InvalidRequest("name must be a non-empty string", param="name")
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS:
+            raise InvalidRequest(
+                f"name must be a non-empty string of at most {MAX_NAME_CHARS} characters",
+                param="name",
+            )
         out["name"] = name
     limits = {f: _nonneg_int(f, payload.get(f)) for f in LIMIT_FIELDS if f in payload}
     if creating or limits:
         out["limits"] = limits
-    if "allowed_models" in payload:
-        models = payload["allowed_models"]
-        if models is not None and (
-            not isinstance(models, list)
-            or not all(isinstance(m, str) and m and "\n" not in m for m in models)
-        ):
-            raise InvalidRequest(
-                "allowed_models must be a list of model names or null", param="allowed_models"
-            )
-        out["allowed_models"] = models or None
-    elif creating:
-        out["allowed_models"] = None
+    if "allowed_models" in payload or creating:
+        out["allowed_models"] = _models(payload.get("allowed_models"))
     if "metadata" in payload or creating:
-        metadata = payload.get("metadata") or {}
-        if not isinstance(metadata, dict):
-            raise InvalidRequest("metadata must be an object", param="metadata")
-        out["metadata"] = metadata
+        out["metadata"] = _metadata(payload.get("metadata"))
     if creating:
         credits = payload.get("credits")
         out["credits_micros"] = None if credits is None else _usd("credits", credits)
@@ -105,7 +134,7 @@ def _found(record: dict[str, Any] | None, key_id: str) -> dict[str, Any]:
 
 
 async def _payload(request: Request) -> dict[str, Any]:
-    payload = parse_json_object(await request.body())
+    payload = parse_json_object(await read_body(request, MAX_BODY_BYTES))
     if not is_utf8(json.dumps(payload, ensure_ascii=False)):
         raise InvalidRequest("Request body holds text that is not valid Unicode (a lone surrogate)")
     return payload

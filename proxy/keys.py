@@ -13,16 +13,31 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib import resources
 from typing import Any
 
+from redis.commands.core import AsyncScript
+
 from proxy import store
-from proxy.credits import micros_to_usd
+from proxy.credits import MICROS_PER_USD, micros_to_usd
+from proxy.errors import InvalidRequest
 from proxy.store import Store
 
 KEY_PREFIX = "sk-tg-"
 _KEY_RE = re.compile(r"^sk-tg-([0-9a-f]{16})_([A-Za-z0-9_-]{32,128})$")
 _ID_RE = re.compile(r"^[0-9a-f]{16}$")
 LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency")
+# A balance stays within ±1e9 USD: far below 2**53 micro-dollars, where the Lua scripts'
+# numbers stop being exact, and far below the 2**63 where Redis' HINCRBY overflows.
+MAX_BALANCE_USD = 10**9
+MAX_BALANCE_MICROS = MAX_BALANCE_USD * MICROS_PER_USD
+
+
+def _balance_out_of_bounds(param: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"A key's balance must stay between -{MAX_BALANCE_USD:,} and {MAX_BALANCE_USD:,} USD",
+        param=param,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +98,10 @@ class Keyring:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        source = resources.files("proxy").joinpath("lua", "keys_add_credits.lua")
+        self.add_credits_script: AsyncScript = store.client.register_script(
+            source.read_text(encoding="utf-8")
+        )
 
     async def create(
         self,
@@ -94,6 +113,8 @@ class Keyring:
         metadata: dict[str, Any],
     ) -> dict[str, Any]:
         """A new key; the answer is the only place its secret `key` ever appears."""
+        if credits_micros is not None and abs(credits_micros) > MAX_BALANCE_MICROS:
+            raise _balance_out_of_bounds("credits")
         key_id = secrets.token_hex(8)
         key = new_key(key_id)
         fields = {
@@ -200,11 +221,20 @@ class Keyring:
         return {**record_json(fields), "key": key}
 
     async def add_credits(self, key_id: str, amount_micros: int) -> dict[str, Any] | None:
-        """Add (or remove, when negative) credits; a key without a balance starts from 0."""
-        if await self._fields(key_id) is None:
+        """Add (or remove, when negative) credits; a key without a balance starts from 0.
+
+        The check against the bound and the change are one script, so racing top-ups cannot
+        together carry a balance past it.
+        """
+        if not valid_key_id(key_id):
             return None
-        client = self.store.client
-        await self.store.call(
-            lambda: client.hincrby(store.record_key(key_id), "credits", amount_micros)
+        added = await self.store.run(
+            self.add_credits_script,
+            [store.record_key(key_id)],
+            [amount_micros, MAX_BALANCE_MICROS],
         )
+        if added == 0:
+            return None
+        if added < 0:
+            raise _balance_out_of_bounds("amount")
         return await self.get(key_id)

@@ -55,6 +55,13 @@ def _whole_days(since: datetime, until: datetime) -> bool:
     return all(t.time() == datetime.min.time() for t in (since, until))
 
 
+def _aggregate_name(field: str) -> tuple[str, str, str]:
+    """Split "<day>|<model>|<counter>" into its parts; the model may itself hold "|"."""
+    day, _, rest = field.partition("|")
+    model, separator, counter = rest.rpartition("|")
+    return (day, model, counter) if separator else ("", "", "")
+
+
 async def records(
     store_: Store, key_id: str, since: datetime, until: datetime
 ) -> AsyncIterator[dict[str, Any]]:
@@ -85,7 +92,7 @@ async def key_usage(
         )
         first, last = since.date(), until.date()
         for field, value in aggregates.items():
-            day, model, counter = field.rsplit("|", 2) if field.count("|") >= 2 else ("", "", "")
+            day, model, counter = _aggregate_name(field)
             try:
                 in_window = first <= date.fromisoformat(day) < last
             except ValueError:

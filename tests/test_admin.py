@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from proxy.config import Settings
+from proxy.errors import InvalidRequest
 from tests.conftest import ADMIN_TOKEN, Harness
 
 HarnessFactory = Callable[..., AbstractContextManager[Harness]]
@@ -309,7 +311,7 @@ def test_create_with_a_bad_field_is_400_naming_it(
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"not json", b"[1]", b'"name"', b"\xff", b"[" * 100_000],
+    [b"", b"not json", b"[1]", b'"name"', b"\xff", b"[" * 60_000],
 )
 def test_create_with_a_body_that_is_not_an_object_is_400(harness: Harness, content: bytes) -> None:
     response = harness.admin("POST", "/admin/keys", content=content)
@@ -560,6 +562,127 @@ def test_credits_with_a_bad_amount_is_400(harness: Harness, content: bytes) -> N
     response = harness.admin("POST", f"/admin/keys/{record['id']}/credits", content=content)
     assert_bad_request(response, "amount")
     assert record_of(harness, record["id"])["credits"] == 1
+
+
+@pytest.mark.parametrize("amount", [1e12, 1e9 + 0.000001, -1e9 - 0.000001, 2**63 / 1e6])
+def test_credits_beyond_a_billion_usd_are_400_never_500(harness: Harness, amount: float) -> None:
+    record = harness.create_key(credits=1)
+    path = f"/admin/keys/{record['id']}/credits"
+    for _ in range(10):
+        assert_bad_request(harness.admin("POST", path, json={"amount": amount}), "amount")
+    assert record_of(harness, record["id"])["credits"] == 1
+
+
+def test_credits_that_would_push_the_balance_past_the_bound_are_400(harness: Harness) -> None:
+    record = harness.create_key(credits=1e9)
+    path = f"/admin/keys/{record['id']}/credits"
+    assert_bad_request(harness.admin("POST", path, json={"amount": 0.000001}), "amount")
+    for _ in range(2):
+        assert harness.admin("POST", path, json={"amount": -1e9}).status_code == 200
+    assert record_of(harness, record["id"])["credits"] == -1e9
+    assert_bad_request(harness.admin("POST", path, json={"amount": -0.000001}), "amount")
+    assert harness.admin("POST", path, json={"amount": 1e9}).json()["credits"] == 0
+    assert record_of(harness, record["id"])["credits"] == 0
+
+
+def test_credits_at_creation_beyond_a_billion_usd_are_400(harness: Harness) -> None:
+    assert harness.create_key(credits=-1e9)["credits"] == -1e9
+    for credits in (1e9 + 0.000001, -1e9 - 0.000001, 1e12):
+        assert_bad_request(create(harness, {"name": "rich", "credits": credits}), "credits")
+
+
+def test_racing_top_ups_never_together_pass_the_bound(harness: Harness) -> None:
+    record = harness.create_key(credits=0)
+    keyring = harness.gateway.keyring
+
+    async def race() -> list[object]:
+        top_ups = [keyring.add_credits(record["id"], 300_000_000 * 1_000_000) for _ in range(10)]
+        results: list[object] = await asyncio.gather(*top_ups, return_exceptions=True)
+        return results
+
+    results = harness.run(race)
+    refused = [r for r in results if isinstance(r, InvalidRequest)]
+    assert len(refused) == 7, results
+    assert {r.param for r in refused} == {"amount"}
+    assert record_of(harness, record["id"])["credits"] == 900_000_000
+
+
+def test_credits_on_a_key_that_does_not_exist_create_nothing(harness: Harness) -> None:
+    answer = harness.run(harness.gateway.keyring.add_credits, "0123456789abcdef", 1_000_000)
+    assert answer is None
+    assert harness.run(harness.gateway.store.client.exists, "tollgate:key:{0123456789abcdef}") == 0
+
+
+# --- bounds on admin payloads ------------------------------------------------------------------
+
+BODY_ROUTES = [
+    ("POST", "/admin/keys"),
+    ("PATCH", "/admin/keys/{id}"),
+    ("POST", "/admin/keys/{id}/credits"),
+]
+
+
+def _chunks(total: int) -> Iterator[bytes]:
+    yield b'{"name": "big", "metadata": {"note": "'
+    for _ in range(total // 65_536):
+        yield b"x" * 65_536
+    yield b'"}}'
+
+
+@pytest.mark.parametrize(("method", "path"), BODY_ROUTES)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_admin_body_over_64_kib_is_413(
+    harness: Harness, method: str, path: str, chunked: bool
+) -> None:
+    record = harness.create_key(name="steady")
+    url = path.format(id=record["id"])
+    content = _chunks(5 * 1024 * 1024) if chunked else b"".join(_chunks(5 * 1024 * 1024))
+    response = harness.admin(method, url, content=content)
+    assert response.status_code == 413, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "request_too_large")
+    records = harness.admin("GET", "/admin/keys").json()["data"]
+    assert records == [{k: v for k, v in record.items() if k != "key"}]
+
+
+def test_admin_body_of_64_kib_is_read(harness: Harness) -> None:
+    padding = " " * (64 * 1024 - len(b'{"name": "edge"}'))
+    body = b'{"name": "edge"' + padding.encode() + b"}"
+    assert len(body) == 64 * 1024
+    assert harness.admin("POST", "/admin/keys", content=body).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ({"metadata": {"note": "x" * 16_384}}, "metadata"),
+        ({"metadata": {f"k{i}": i for i in range(2_000)}}, "metadata"),
+        ({"allowed_models": ["m" * 257]}, "allowed_models"),
+        ({"allowed_models": [f"model-{i}" for i in range(1_001)]}, "allowed_models"),
+        ({"allowed_models": ["gpt-4o\n"]}, "allowed_models"),
+        ({"name": "n" * 201}, "name"),
+    ],
+)
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+def test_oversized_fields_are_400_naming_them(
+    harness: Harness, payload: dict[str, Any], param: str, method: str
+) -> None:
+    record = harness.create_key(name="steady")
+    if method == "POST":
+        response = create(harness, {"name": "big", **payload})
+    else:
+        response = harness.admin("PATCH", f"/admin/keys/{record['id']}", json=payload)
+    assert_bad_request(response, param)
+    records = harness.admin("GET", "/admin/keys").json()["data"]
+    assert records == [{k: v for k, v in record.items() if k != "key"}]
+
+
+def test_fields_at_their_bounds_are_stored(harness: Harness) -> None:
+    note = "x" * (16_384 - len('{"note": ""}'))
+    models = ["m" * 256] + [f"model-{i}" for i in range(999)]
+    record = harness.create_key(name="n" * 200, metadata={"note": note}, allowed_models=models)
+    assert record_of(harness, record["id"])["metadata"] == {"note": note}
+    assert record_of(harness, record["id"])["allowed_models"] == models
 
 
 # --- usage -------------------------------------------------------------------------------------
