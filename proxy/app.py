@@ -19,11 +19,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy import admin, endpoints
 from proxy.config import Settings
-from proxy.errors import InternalError, MethodNotAllowed, NotFound, ProxyError
+from proxy.errors import InternalError, InvalidRequest, MethodNotAllowed, NotFound, ProxyError
 from proxy.gateway import Gateway
 from proxy.keys import Keyring
 from proxy.limits import LEASE_MARGIN_MS, Limiter
 from proxy.metrics import Metrics
+from proxy.paths import PassthroughPaths, refused_path
 from proxy.spool import Spool
 from proxy.store import Store, open_store
 from proxy.sweeper import Sweeper
@@ -37,6 +38,8 @@ CHAT_PATHS = (
     "/api/v1/chat/completions",
     "/api/ai/chat/completions",
 )
+# The metered surfaces beside chat; the `/api/v1/` forms answer alike.
+SURFACE_PATHS = ("/embeddings", "/completions", "/responses", "/messages")
 _CLIENT_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 # After uvicorn's graceful-shutdown timeout it cancels the requests still running and at once
 # runs the lifespan shutdown; their settlement (one store round trip, or the spool) gets this
@@ -55,10 +58,14 @@ async def _drain(requests: set[asyncio.Task[object]], timeout_s: float) -> None:
 
 
 class RequestIdMiddleware:
-    """Gives every request an id (the client's, if sane) and every response `x-request-id`.
+    """Gives every request Tollgate's own unique id and every response `x-request-id`.
 
-    It also keeps the requests in progress, so shutdown can wait for their settlement, and is
-    the last resort: an unexpected exception becomes an OpenAI-style 500 that names no
+    The id is never the client's: admission and settlement are keyed by it, so two requests
+    must never share one. A sane id the client sent (`x-client-request-id`, else
+    `x-request-id`) is kept beside it and echoed as `x-client-request-id`. Request targets
+    that could address another upstream path are refused here, before any route. It also
+    keeps the requests in progress, so shutdown can wait for their settlement, and is the
+    last resort: an unexpected exception becomes an OpenAI-style 500 that names no
     internals, with the same header.
     """
 
@@ -78,23 +85,27 @@ class RequestIdMiddleware:
             self.requests.discard(task)
 
     async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id = b""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id" and _CLIENT_REQUEST_ID.match(value):
-                request_id = value
-                break
-        if not request_id:
-            request_id = os.urandom(16).hex().encode()  # as random as uuid4, a quarter the CPU
-        scope.setdefault("state", {})["request_id"] = request_id.decode()
+        request_id = os.urandom(16).hex().encode()  # as random as uuid4, a quarter the CPU
+        extra = [(b"x-request-id", request_id)]
+        client_id = _client_request_id(scope["headers"])
+        if client_id is not None:
+            extra.append((b"x-client-request-id", client_id))
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id.decode()
+        state["client_request_id"] = client_id.decode() if client_id is not None else None
         started = False
 
         async def send_with_id(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+                message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
+        refusal = refused_path(scope.get("raw_path") or scope["path"].encode())
+        if refusal is not None:
+            await _render(InvalidRequest(refusal))(scope, receive, send_with_id)
+            return
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
@@ -102,6 +113,17 @@ class RequestIdMiddleware:
             if started:
                 raise
             await _render(InternalError())(scope, receive, send_with_id)
+
+
+def _client_request_id(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The client's own id for its request, if sane: `x-client-request-id`, else `x-request-id`."""
+    found: bytes | None = None
+    for name, value in headers:
+        if name == b"x-client-request-id" and _CLIENT_REQUEST_ID.match(value):
+            return value
+        if name == b"x-request-id" and found is None and _CLIENT_REQUEST_ID.match(value):
+            found = value
+    return found
 
 
 def _render(error: ProxyError) -> Response:
@@ -148,6 +170,7 @@ def build_gateway(
         keyring=Keyring(store),
         spool=Spool(settings.spool_dir),
         sweeper=Sweeper(store, limiter, settings.prices, every_ms=min(30_000, lease_ms // 2)),
+        passthrough_paths=PassthroughPaths(settings.passthrough_paths),
     )
 
 
@@ -183,6 +206,8 @@ def create_app(
         routes += [
             Route(f"{prefix}/models", endpoints.list_models, methods=["GET"]),
             Route(f"{prefix}/models/{{model:path}}", endpoints.get_model, methods=["GET"]),
+            *(Route(prefix + path, endpoints.surface, methods=["POST"]) for path in SURFACE_PATHS),
+            # Anything else below /v1 reaches the upstream only when the operator lists it.
             Route(
                 f"{prefix}/{{rest:path}}",
                 endpoints.passthrough,
@@ -190,6 +215,8 @@ def create_app(
             ),
         ]
     routes += [
+        Route("/api/v1/chat/models", endpoints.list_models, methods=["GET"]),
+        Route("/anthropic/v1/messages", endpoints.surface, methods=["POST"]),
         Route("/healthz", endpoints.healthz, methods=["GET"]),
         Route("/readyz", endpoints.readyz, methods=["GET"]),
         Route("/metrics", endpoints.metrics, methods=["GET"]),
@@ -200,5 +227,7 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={ProxyError: proxy_error, HTTPException: http_error},
     )
+    # A slash redirect would build its location from the client's Host header.
+    app.router.redirect_slashes = False
     app.add_middleware(RequestIdMiddleware, requests=requests)
     return app

@@ -13,9 +13,11 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from proxy import paths
 from proxy.errors import (
     AuthenticationFailed,
     InsufficientCredits,
+    InvalidRequest,
     ModelNotAllowed,
     NotFound,
     ProxyError,
@@ -33,10 +35,10 @@ from proxy.metering import (
     max_completion_tokens,
     usage_from_body,
 )
-from proxy.relay import Admitted, Exchange, RelayResponse
+from proxy.relay import CLIENT_CLOSED, Admitted, ClientWatch, Exchange, RelayResponse
 from proxy.store import StoreDown
 from proxy.upstream import request_headers, response_headers
-from proxy.validation import is_utf8, parse_json_object, validate_chat
+from proxy.validation import MAX_MODEL_CHARS, is_utf8, parse_json_object, validate_chat
 
 _USAGE_OPTION = b'"stream_options":{"include_usage":true},'
 _LIMIT_MESSAGES = {
@@ -149,6 +151,7 @@ def _arrival(request: Request, presented: PresentedKey, **fields: Any) -> Admitt
     settings = gateway_of(request).settings
     return Admitted(
         request_id=request.scope["state"]["request_id"],
+        client_request_id=request.scope["state"]["client_request_id"],
         key_id=presented.key_id,
         key_name="",
         path=request.scope["path"],  # request.url would build a whole URL
@@ -235,19 +238,29 @@ async def forward(
     content: bytes | None,
     expect_chat: bool,
 ) -> Response:
-    """Send an admitted request upstream and answer the client; settles on every path."""
+    """Send an admitted request upstream and answer the client; settles on every path.
+
+    Until the answer is ready a watcher cancels the upstream call as soon as the client goes
+    away (a stream's relay has its own), so it is closed and settled as 499 at once.
+    """
     admitted = exchange.admitted
     limit_headers = rate_limit_headers(decision)
     gateway.metrics.inflight.inc()
+    watch = ClientWatch(request.receive)
     try:
-        response = await _send(gateway, request, exchange, upstream_path, content)
+        try:
+            response = await _send(gateway, request, exchange, upstream_path, content)
+            is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
+            relay = response.status_code < 300 and is_sse and (admitted.stream or not expect_chat)
+            payload = b"" if relay else await _read(gateway, exchange)
+        finally:
+            watch.stop()
         headers = response_headers(response) + limit_headers
-        is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
-        if response.status_code < 300 and is_sse and (admitted.stream or not expect_chat):
+        if relay:
             return RelayResponse(exchange, status=response.status_code, headers=headers)  # type: ignore[return-value]
-        payload = await _read(gateway, exchange)
         status = response.status_code
-        if status >= 500:
+        if status >= 500 or 300 <= status < 400:
+            # A redirect would name the upstream's own host; Tollgate follows none.
             gateway.metrics.upstream_errors.labels("status").inc()
             await exchange.finish(status=502, billable=False)
             raise UpstreamFailed(f"Upstream answered with status {status}", reason="status")
@@ -265,9 +278,18 @@ async def forward(
         answer.raw_headers.extend(headers)
         return answer
     except ProxyError as exc:
-        await exchange.finish(status=exc.status_code)
+        # Not billed when the upstream could not be reached at all; a timeout may have run.
+        unreached = isinstance(exc, UpstreamFailed) and exchange.response is None
+        await exchange.finish(status=exc.status_code, billable=not unreached)
         exc.headers.update({k.decode(): v.decode() for k, v in limit_headers})
         raise
+    except asyncio.CancelledError:
+        if not watch.client_gone:
+            await exchange.finish(status=500)
+            raise
+        watch.task.uncancel()
+        await exchange.finish(status=CLIENT_CLOSED)
+        return Response(status_code=CLIENT_CLOSED)  # nobody reads it
     except BaseException:
         await exchange.finish(status=500)
         raise
@@ -281,6 +303,7 @@ async def _send(
         request.headers.raw,
         api_key=gateway.settings.upstream_api_key,
         request_id=exchange.admitted.request_id,
+        client_request_id=exchange.admitted.client_request_id,
     )
     try:
         async with asyncio.timeout_at(exchange.admitted.deadline):
@@ -296,7 +319,6 @@ async def _send(
         raise UpstreamTimeout(gateway.settings.upstream_timeout_s) from None
     except UpstreamFailed as exc:
         gateway.metrics.upstream_errors.labels(exc.reason).inc()
-        await exchange.finish(status=exc.status_code, billable=False)
         raise
     exchange.response = response
     exchange.first_byte()
@@ -325,17 +347,44 @@ def _json_or_none(payload: bytes) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
+async def surface(request: Request) -> Response:
+    """Embeddings, legacy completions, Responses, Anthropic messages: authenticated,
+    request-limited and charged from the usage their answer reports."""
+    path: str = request.scope["path"]
+    return await _metered_passthrough(request, "/" + path.rsplit("/", 1)[1])
+
+
 async def passthrough(request: Request) -> Response:
-    """Any other /v1/* path: authenticated, request-limited, metered when it reports usage."""
+    """Any other /v1/* path: 404 unless the operator lists it in TOLLGATE_PASSTHROUGH_PATHS.
+
+    The operator's upstream key can read files, batches and organisation settings, so a
+    client key reaches nothing the operator did not hand out.
+    """
+    gateway = gateway_of(request)
+    path: str = request.scope["path"]
+    api_form = path.startswith("/api/v1/")
+    if not gateway.passthrough_paths.allows(path[4:] if api_form else path):
+        gateway.metrics.answered("passthrough", "", NotFound.status_code, "")
+        raise NotFound(f"Unknown path {path}")
+    raw_path: bytes = request.scope.get("raw_path") or path.encode()
+    return await _metered_passthrough(request, paths.upstream_path(raw_path, 2 if api_form else 1))
+
+
+async def _metered_passthrough(request: Request, path: str) -> Response:
+    """Authenticated and request-limited; metered when the answer reports usage."""
     gateway = gateway_of(request)
     try:
         presented = authenticate(request)
         raw = await read_body(request, gateway.settings.max_body_bytes)
+        body = _json_or_none(raw) if raw else None
+        model = body.get("model") if body is not None else None
+        if isinstance(model, str) and len(model) > MAX_MODEL_CHARS:
+            raise InvalidRequest(
+                f"model must be at most {MAX_MODEL_CHARS} characters", param="model"
+            )
     except ProxyError as exc:
         gateway.metrics.answered("passthrough", "", exc.status_code, "")
         raise
-    body = _json_or_none(raw) if raw else None
-    model = body.get("model") if body is not None else None
     model = model if isinstance(model, str) and model and is_utf8(model) else "-"
     arrival = _arrival(
         request,
@@ -351,7 +400,7 @@ async def passthrough(request: Request) -> Response:
         request,
         Exchange(gateway, admitted),
         decision,
-        upstream_path="/" + request.scope["path"].split("/v1/", 1)[1],
+        upstream_path=path,
         content=raw or None,
         expect_chat=False,
     )

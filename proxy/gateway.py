@@ -16,6 +16,7 @@ from proxy.config import Settings
 from proxy.keys import Keyring
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
+from proxy.paths import PassthroughPaths
 from proxy.spool import Spool
 from proxy.store import Store, StoreDown
 from proxy.sweeper import Sweeper
@@ -36,6 +37,7 @@ class Gateway:
     keyring: Keyring
     spool: Spool
     sweeper: Sweeper
+    passthrough_paths: PassthroughPaths
     # key hash -> (key name, monotonic expiry): keys seen lately, for fail-open.
     recent_keys: dict[str, tuple[str, float]] = field(default_factory=dict)
     models_cache: tuple[float, list[dict[str, Any]]] | None = None

@@ -145,6 +145,7 @@ class StreamMeter:
 def settlement(
     *,
     request_id: str,
+    client_request_id: str | None,
     ts: float,
     key_id: str,
     key_name: str,
@@ -160,6 +161,7 @@ def settlement(
     """The arguments of Limiter.settle for one finished request, its usage record included."""
     record: dict[str, Any] = {
         "request_id": request_id,
+        "client_request_id": client_request_id,
         "ts": datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds"),
         "key_id": key_id,
         "key_name": key_name,

@@ -5,7 +5,8 @@ Some model names ask for misbehaviour, so operators can watch Tollgate handle it
 `mock-slow` (0.2 s between chunks), `mock-hang` (never answers), `mock-error` (500),
 `mock-bad-json` (200 that is not JSON), `mock-drop` (stream cut mid-way), `mock-no-usage`
 (stream without usage), `mock-gated` (each chunk waits for POST /_mock/release).
-GET /_mock/requests shows what it received; POST /_mock/reset forgets it.
+GET /_mock/requests shows every request it received, on any path (method, path, raw path,
+query, headers, body); POST /_mock/reset forgets them.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "mock-slow", "mock-gated")
 REPLY = "Hello from the Tollgate mock upstream! This answer streams word by word."
@@ -34,6 +37,53 @@ class MockState:
         self.gate = asyncio.Semaphore(0)
         self.open_streams = 0
         self.max_open_streams = 0
+
+
+class _Recorder:
+    """Records every request before routing, so tests see what reached the upstream on any
+    path, not only on the routes the mock answers."""
+
+    def __init__(self, app: ASGIApp, *, state: MockState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/_mock/"):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        raw = b"".join(chunks)
+        try:
+            body: Any = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+        self.state.requests.append(
+            {
+                "method": scope["method"],
+                "path": scope["path"],
+                "raw_path": (scope.get("raw_path") or scope["path"].encode()).decode("latin-1"),
+                "query": scope.get("query_string", b"").decode("latin-1"),
+                "headers": {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
+                "body": body,
+            }
+        )
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": raw, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 def _words(reply: str) -> list[str]:
@@ -66,9 +116,6 @@ def create_mock_upstream(state: MockState | None = None) -> Starlette:
 
     async def chat(request: Request) -> Response:
         body = await request.json()
-        state.requests.append(
-            {"path": request.url.path, "headers": dict(request.headers), "body": body}
-        )
         model = body.get("model", "")
         if model == "mock-hang":
             await asyncio.sleep(3600)
@@ -115,8 +162,6 @@ def create_mock_upstream(state: MockState | None = None) -> Starlette:
 
     async def embeddings(request: Request) -> Response:
         body = await request.json()
-        state.requests.append({"path": request.url.path, "headers": dict(request.headers),
-                               "body": body})  # fmt: skip
         tokens = max(1, len(json.dumps(body.get("input", ""))) // 4)
         return JSONResponse({
             "object": "list", "model": body.get("model"),
@@ -131,13 +176,13 @@ def create_mock_upstream(state: MockState | None = None) -> Starlette:
         return JSONResponse({"released": count})
 
     async def seen(request: Request) -> Response:
-        return JSONResponse(
-            {
-                "requests": state.requests,
-                "open_streams": state.open_streams,
-                "max_open_streams": state.max_open_streams,
-            }
-        )
+        # ASCII JSON: a body may hold text UTF-8 cannot carry (a lone surrogate).
+        answer = {
+            "requests": state.requests,
+            "open_streams": state.open_streams,
+            "max_open_streams": state.max_open_streams,
+        }
+        return Response(json.dumps(answer), media_type="application/json")
 
     async def reset(request: Request) -> Response:
         state.requests.clear()
@@ -156,7 +201,7 @@ def create_mock_upstream(state: MockState | None = None) -> Starlette:
         Route("/_mock/requests", seen, methods=["GET"]),
         Route("/_mock/reset", reset, methods=["POST"]),
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, middleware=[Middleware(_Recorder, state=state)])
     app.state.mock = state
     return app
 

@@ -31,6 +31,7 @@ class Admitted:
     """
 
     request_id: str
+    client_request_id: str | None
     key_id: str
     key_name: str
     model: str
@@ -53,6 +54,33 @@ class Admitted:
                 "prompt": self.prompt_estimate,
             }
         )
+
+
+class ClientWatch:
+    """Cancels the current task when the client disconnects, until `stop()`.
+
+    Only the awaits between its start and `stop()` can be cancelled by it: `stop()` is called
+    with no await in between, so settlement after it always runs to the end.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.client_gone = False
+        self._watching = True
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if self._watching:
+            self.client_gone = True
+            self.task.cancel()
+
+    def stop(self) -> None:
+        self._watching = False
+        self._watcher.cancel()
 
 
 class Exchange:
@@ -117,6 +145,7 @@ class Exchange:
         await gateway.settle(
             settlement(
                 request_id=admitted.request_id,
+                client_request_id=admitted.client_request_id,
                 ts=admitted.ts,
                 key_id=admitted.key_id,
                 key_name=admitted.key_name,

@@ -81,6 +81,7 @@ class Sweeper:
             await self.limiter.settle(
                 **settlement(
                     request_id=request_id,
+                    client_request_id=None,
                     ts=float(marker.get("ts", 0)),
                     key_id=key_id,
                     key_name=name or "",

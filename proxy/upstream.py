@@ -11,13 +11,13 @@ from proxy.config import Settings
 from proxy.errors import InvalidRequest, UpstreamFailed
 from proxy.http1 import Http1Transport
 
-# Request headers that describe this hop or the client's credential, never forwarded.
-_DROP_REQUEST = frozenset(
+# The only client headers that go upstream. Everything else stays here: the client's
+# credential and cookies, hop-by-hop fields, `OpenAI-Organization`/`OpenAI-Project` (the
+# operator's key decides those), `X-Forwarded-*`, the SDKs' telemetry and anything unknown.
+FORWARDED_REQUEST_HEADERS = frozenset(
     {
-        "host", "connection", "keep-alive", "proxy-authorization", "proxy-connection", "te",
-        "trailer", "transfer-encoding", "upgrade", "content-length", "authorization",
-        "api-key", "x-api-key", "cookie", "accept-encoding", "expect",
-        "x-request-id",  # replaced by the request's own id (the client's only if it is sane)
+        b"content-type", b"accept", b"user-agent", b"openai-beta",
+        b"anthropic-version", b"anthropic-beta",
     }
 )  # fmt: skip
 # Response headers that describe the upstream hop or the operator's own upstream quota.
@@ -25,24 +25,25 @@ _DROP_RESPONSE = frozenset(
     {
         "connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding",
         "upgrade", "content-length", "content-encoding", "set-cookie", "server", "date",
-        "x-request-id", "retry-after", "retry-after-ms", "ratelimit", "ratelimit-policy",
+        "x-request-id", "x-client-request-id", "retry-after", "retry-after-ms", "ratelimit",
+        "ratelimit-policy", "location",
     }
 )  # fmt: skip
 
 
 def request_headers(
-    client_headers: list[tuple[bytes, bytes]], *, api_key: str | None, request_id: str
+    client_headers: list[tuple[bytes, bytes]],
+    *,
+    api_key: str | None,
+    request_id: str,
+    client_request_id: str | None = None,
 ) -> list[tuple[bytes, bytes]]:
-    # Hop-by-hop also covers every header the client's Connection header names (RFC 9110 7.6.1).
-    drop = _DROP_REQUEST.union(
-        token.strip().lower()
-        for k, v in client_headers
-        if k.lower() == b"connection"
-        for token in v.decode("latin-1").split(",")
-    )
-    out = [(k, v) for k, v in client_headers if k.decode("latin-1").lower() not in drop]
+    """What goes upstream: the allowed client headers, Tollgate's ids and the operator's key."""
+    out = [(k, v) for k, v in client_headers if k in FORWARDED_REQUEST_HEADERS]  # ASGI: lowercase
     out.append((b"accept-encoding", b"identity"))  # bytes are relayed as they come
     out.append((b"x-request-id", request_id.encode()))
+    if client_request_id is not None:
+        out.append((b"x-client-request-id", client_request_id.encode()))
     if api_key:
         out.append((b"authorization", b"Bearer " + api_key.encode()))
     return out

@@ -17,6 +17,8 @@ _RANGES = (
 # OpenAI's upper bounds; they also keep token estimates and costs exact in the Lua scripts.
 MAX_TOKENS = 2**31 - 1
 MAX_CHOICES = 128
+# Model names become usage-record fields and aggregate names in the store: keep them bounded.
+MAX_MODEL_CHARS = 256
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -83,6 +85,8 @@ def validate_chat(body: dict[str, Any]) -> str:
         raise InvalidRequest("You must specify a model to call", param="model")
     if not is_utf8(model):
         raise InvalidRequest("model must be valid Unicode text", param="model")
+    if len(model) > MAX_MODEL_CHARS:
+        raise InvalidRequest(f"model must be at most {MAX_MODEL_CHARS} characters", param="model")
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise InvalidRequest("messages must be an array of message objects", param="messages")

@@ -285,11 +285,22 @@ def test_wrong_method_is_405_json(harness: Harness) -> None:
 # --- request ids -------------------------------------------------------------------------------
 
 
-def test_request_id_sent_by_client_is_echoed_and_forwarded(harness: Harness, key: str) -> None:
+def test_client_request_id_is_kept_beside_tollgates_own(harness: Harness, key: str) -> None:
     response = harness.chat(key, HELLO, headers={"x-request-id": "client-req.42:abc"})
     assert response.status_code == 200
-    assert response.headers.get_list("x-request-id") == ["client-req.42:abc"]
-    assert harness.mock.requests[-1]["headers"]["x-request-id"] == "client-req.42:abc"
+    generated = response.headers.get_list("x-request-id")
+    assert len(generated) == 1 and GENERATED_ID.match(generated[0])
+    assert response.headers.get_list("x-client-request-id") == ["client-req.42:abc"]
+    upstream = harness.mock.requests[-1]["headers"]
+    assert upstream["x-request-id"] == generated[0]
+    assert upstream["x-client-request-id"] == "client-req.42:abc"
+
+
+def test_x_client_request_id_wins_over_x_request_id(harness: Harness, key: str) -> None:
+    headers = {"x-request-id": "second", "x-client-request-id": "sdk-id-1"}
+    response = harness.chat(key, HELLO, headers=headers)
+    assert response.headers["x-client-request-id"] == "sdk-id-1"
+    assert response.headers["x-request-id"] not in ("second", "sdk-id-1")
 
 
 def test_request_id_generated_when_not_sent(harness: Harness, key: str) -> None:
@@ -297,21 +308,41 @@ def test_request_id_generated_when_not_sent(harness: Harness, key: str) -> None:
     second = harness.chat(key, HELLO)
     assert GENERATED_ID.match(first.headers["x-request-id"])
     assert first.headers["x-request-id"] != second.headers["x-request-id"]
-    assert harness.mock.requests[-1]["headers"]["x-request-id"] == second.headers["x-request-id"]
+    assert "x-client-request-id" not in second.headers
+    upstream = harness.mock.requests[-1]["headers"]
+    assert upstream["x-request-id"] == second.headers["x-request-id"]
+    assert "x-client-request-id" not in upstream
 
 
 @pytest.mark.parametrize("sent", ["has space", "x" * 129, "semi;colon", "\u00e9t\u00e9"])
-def test_insane_client_request_id_is_replaced(harness: Harness, key: str, sent: str) -> None:
+def test_insane_client_request_id_is_dropped(harness: Harness, key: str, sent: str) -> None:
     headers = [
         (b"authorization", f"Bearer {key}".encode()),
         (b"x-request-id", sent.encode("latin-1")),
+        (b"x-client-request-id", sent.encode("latin-1")),
     ]
     response = harness.client.post("/v1/chat/completions", json=HELLO, headers=headers)
     assert response.status_code == 200
     generated = response.headers["x-request-id"]
     assert GENERATED_ID.match(generated)
+    assert "x-client-request-id" not in response.headers
     upstream = harness.mock.requests[-1]["headers"]
     assert upstream["x-request-id"] == generated
+    assert "x-client-request-id" not in upstream
+
+
+def test_reused_client_request_id_never_shares_a_settlement(harness: Harness) -> None:
+    record = harness.create_key(credits=5)
+    for _ in range(4):
+        response = harness.chat(record["key"], HELLO, headers={"x-request-id": "reuse-me-1"})
+        assert response.status_code == 200
+    records = exported(harness)
+    assert len(records) == 4
+    assert len({r["request_id"] for r in records}) == 4
+    assert {r["client_request_id"] for r in records} == {"reuse-me-1"}
+    after = harness.admin("GET", f"/admin/keys/{record['id']}").json()
+    assert after["reserved_credits"] == 0
+    assert after["credits"] == pytest.approx(5 - sum(r["cost_usd"] for r in records))
 
 
 def test_request_id_is_on_every_error(harness: Harness, key: str) -> None:
@@ -330,7 +361,8 @@ def test_request_id_is_on_every_error(harness: Harness, key: str) -> None:
         "/v1/chat/completions", json=HELLO, headers={"x-request-id": "mine-1"}
     )
     assert sent.status_code == 401
-    assert sent.headers["x-request-id"] == "mine-1"
+    assert GENERATED_ID.match(sent.headers["x-request-id"])
+    assert sent.headers["x-client-request-id"] == "mine-1"
 
 
 def test_unexpected_failure_is_a_500_without_internals_and_with_request_id(
@@ -348,7 +380,8 @@ def test_unexpected_failure_is_a_500_without_internals_and_with_request_id(
         assert "secret" not in response.text
         assert "RuntimeError" not in response.text
         assert error["message"] == "The server had an error while processing your request"
-        assert response.headers["x-request-id"] == "r-500"
+        assert GENERATED_ID.match(response.headers["x-request-id"])
+        assert response.headers["x-client-request-id"] == "r-500"
 
 
 def test_usage_record_carries_the_response_request_id(harness: Harness) -> None:
@@ -356,8 +389,12 @@ def test_usage_record_carries_the_response_request_id(harness: Harness) -> None:
     response = harness.chat(record["key"], HELLO, headers={"x-request-id": "trace-7"})
     assert response.status_code == 200
     generated = harness.chat(record["key"], HELLO)
-    ids = [r["request_id"] for r in exported(harness)]
-    assert ids == ["trace-7", generated.headers["x-request-id"]]
+    records = exported(harness)
+    assert [r["request_id"] for r in records] == [
+        response.headers["x-request-id"],
+        generated.headers["x-request-id"],
+    ]
+    assert [r["client_request_id"] for r in records] == ["trace-7", None]
 
 
 # --- what goes upstream and what comes back ----------------------------------------------------
@@ -384,7 +421,7 @@ def test_no_upstream_key_configured_sends_no_authorization(
         assert all(key not in value for value in upstream.values())
 
 
-def test_hop_by_hop_headers_are_stripped(harness: Harness, key: str) -> None:
+def test_only_allowlisted_client_headers_go_upstream(harness: Harness, key: str) -> None:
     headers = {
         "connection": "keep-alive, x-hop-secret",
         "x-hop-secret": "for-this-hop-only",
@@ -395,26 +432,25 @@ def test_hop_by_hop_headers_are_stripped(harness: Harness, key: str) -> None:
         "proxy-authorization": "Basic cHJveHk6cGFzcw==",
         "proxy-connection": "keep-alive",
         "cookie": "session=abc",
-        "x-custom-header": "kept",
-        "openai-organization": "org-1",
+        "x-custom-header": "not forwarded",
+        "openai-organization": "org-of-the-client",
+        "openai-project": "proj-of-the-client",
+        "x-forwarded-for": "10.0.0.1",
+        "forwarded": "for=10.0.0.1",
+        "x-stainless-lang": "python",
+        "openai-beta": "assistants=v2",
+        "user-agent": "OpenAI/Python 9.9",
     }
     response = harness.chat(key, HELLO, headers=headers)
     assert response.status_code == 200, response.text
     upstream = harness.mock.requests[-1]["headers"]
-    for name in (
-        "x-hop-secret",
-        "keep-alive",
-        "te",
-        "trailer",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-connection",
-        "cookie",
-    ):
-        assert name not in upstream, name
+    sent_names = {name.lower() for name in headers}
+    assert sent_names & set(upstream) == {"openai-beta", "user-agent"}
+    assert upstream["openai-beta"] == "assistants=v2"
+    assert upstream["user-agent"] == "OpenAI/Python 9.9"
     assert "x-hop-secret" not in upstream.get("connection", "")
-    assert upstream["x-custom-header"] == "kept"
-    assert upstream["openai-organization"] == "org-1"
+    for name in ("openai-organization", "openai-project", "x-forwarded-for", "x-custom-header"):
+        assert name not in upstream, name
     assert upstream["accept-encoding"] == "identity"
 
 
@@ -754,13 +790,85 @@ def test_passthrough_keeps_the_query_string(settings: Settings) -> None:
         seen.append(request)
         return httpx.Response(200, json={"object": "list", "data": []})
 
-    with app_client(settings, httpx.MockTransport(handler)) as client:
+    listed = replace(settings, passthrough_paths=("/v1/files",))
+    with app_client(listed, httpx.MockTransport(handler)) as client:
         key = new_key(client)
         response = client.get("/v1/files?purpose=batch&limit=2", headers=bearer(key))
         assert response.status_code == 200
         assert response.json() == {"object": "list", "data": []}
         assert str(seen[-1].url) == "http://upstream.test/v1/files?purpose=batch&limit=2"
         assert seen[-1].headers["authorization"] == "Bearer sk-upstream-secret"
+
+
+def test_unlisted_v1_paths_are_404_without_an_upstream_call(harness: Harness, key: str) -> None:
+    attempts = [
+        ("GET", "/v1/files"),
+        ("POST", "/v1/files"),
+        ("DELETE", "/v1/files/file-abc"),
+        ("GET", "/v1/batches"),
+        ("POST", "/v1/fine_tuning/jobs"),
+        ("GET", "/v1/organization/users"),
+        ("GET", "/v1/assistants"),
+        ("GET", "/api/v1/files"),
+        ("POST", "/v1/chat/completions/"),
+        ("GET", "/v1/embeddings"),
+    ]
+    for method, path in attempts:
+        response = harness.client.request(method, path, headers=bearer(key))
+        assert_error(response, 404, "invalid_request_error", "not_found")
+        assert "location" not in response.headers
+    assert harness.mock.requests == []
+
+
+def test_listed_passthrough_paths_reach_the_upstream_and_nothing_else(
+    settings: Settings,
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"id": "modr-1", "results": []})
+
+    listed = replace(settings, passthrough_paths=("/v1/moderations", "/v1/audio/*"))
+    with app_client(listed, httpx.MockTransport(handler)) as client:
+        key = new_key(client)
+        for path in ("/v1/moderations", "/api/v1/moderations", "/v1/audio/speech"):
+            response = client.post(path, json={"input": "x"}, headers=bearer(key))
+            assert response.status_code == 200, (path, response.text)
+        for path in ("/v1/moderations/x", "/v1/audio", "/v1/audiox/speech", "/v1/files"):
+            response = client.post(path, json={"input": "x"}, headers=bearer(key))
+            assert response.status_code == 404, path
+    assert [r.url.path for r in seen] == [
+        "/v1/moderations",
+        "/v1/moderations",
+        "/v1/audio/speech",
+    ]
+
+
+def test_upstream_redirect_is_502_and_never_shows_its_location(settings: Settings) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(307, headers={"location": "http://10.1.2.3:9000/internal/v1/x"})
+
+    with app_client(settings, httpx.MockTransport(handler)) as client:
+        key = new_key(client)
+        for path, body in (("/v1/chat/completions", HELLO), ("/v1/embeddings", {"input": "x"})):
+            response = client.post(path, json=body, headers=bearer(key))
+            assert_error(response, 502, "upstream_error")
+            assert "location" not in response.headers
+            assert "10.1.2.3" not in response.text
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/completions", "/v1/responses"])
+def test_model_over_256_characters_is_400_on_every_surface(
+    harness: Harness, key: str, path: str
+) -> None:
+    body = {"model": "m" * 257, "input": "x", "prompt": "x"}
+    response = harness.client.post(path, json=body, headers=bearer(key))
+    error = assert_error(response, 400, "invalid_request_error")
+    assert error["param"] == "model"
+    chat = harness.chat(key, {**HELLO, "model": "m" * 257})
+    assert assert_error(chat, 400, "invalid_request_error")["param"] == "model"
+    assert harness.mock.requests == []
 
 
 # --- health and metrics ------------------------------------------------------------------------
@@ -889,7 +997,7 @@ def test_multipart_body_is_400(harness: Harness, key: str) -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        pytest.param({**HELLO, "model": "m" * 100_000}, id="long-model"),
+        pytest.param({**HELLO, "model": "m" * 256}, id="longest-model"),
         pytest.param({**HELLO, "model": "\u4e16\u754c-\U0001f600"}, id="unicode-model"),
         pytest.param(
             {**HELLO, "messages": [{"role": "user", "content": [1, None, "x", {"type": 7}]}]},

@@ -59,8 +59,14 @@ class Mock:
         self.client.post("/_mock/release", params={"n": n}).raise_for_status()
 
     def request_with_id(self, request_id: str) -> dict[str, Any]:
-        """What the upstream received for the proxied request with this x-request-id."""
-        found = [r for r in self.received() if r["headers"].get("x-request-id") == request_id]
+        """What the upstream received for the proxied request with this id: Tollgate's own
+        (`x-request-id`) or the one the client sent (`x-client-request-id`)."""
+        found = [
+            r
+            for r in self.received()
+            if request_id
+            in (r["headers"].get("x-request-id"), r["headers"].get("x-client-request-id"))
+        ]
         assert len(found) == 1, f"upstream saw {len(found)} requests with id {request_id}"
         return found[0]
 
@@ -102,11 +108,16 @@ class Admin:
         return [json.loads(line) for line in response.text.splitlines() if line]
 
     def record(self, request_id: str, *, since: float, timeout_s: float = 10) -> dict[str, Any]:
-        """The usage record of one request, waiting (bounded) for its settlement."""
+        """The usage record of one request, by Tollgate's id or the one the client sent,
+        waiting (bounded) for its settlement."""
         found: list[dict[str, Any]] = []
 
         def landed() -> bool:
-            found[:] = [r for r in self.export(since=since) if r["request_id"] == request_id]
+            found[:] = [
+                r
+                for r in self.export(since=since)
+                if request_id in (r["request_id"], r.get("client_request_id"))
+            ]
             return bool(found)
 
         wait_for(landed, timeout_s=timeout_s, what=f"usage record of {request_id}")

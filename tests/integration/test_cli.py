@@ -192,7 +192,7 @@ def test_usage_jsonl_lines_are_the_usage_records(
 
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [r["request_id"] for r in records] == request_ids
+    assert [r["client_request_id"] for r in records] == request_ids
     assert all(r["key_id"] == key["id"] and r["usage_source"] == "upstream" for r in records)
     assert records == [stack.admin.record(r, since=since) for r in request_ids]
 

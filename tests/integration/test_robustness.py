@@ -210,15 +210,17 @@ def test_form_encoded_body_is_refused_with_400(client: httpx.Client, stack: Stac
 
 
 def test_passthrough_with_unencodable_model_reaches_upstream(
-    client: httpx.Client, stack: Stack
+    client: httpx.Client, stack: Stack, since: float
 ) -> None:
-    # The mock has no /v1/responses: its 404 coming back proves the request was admitted.
     body = json.dumps({"model": "\udfff", "input": "hello"}).encode()
     response = client.post(
         "/v1/responses", content=body, headers={"content-type": "application/json"}
     )
 
-    assert response.status_code == 404, response.text
+    assert response.status_code == 404, response.text  # the mock has no /v1/responses
+    request_id = response.headers["x-request-id"]
+    assert stack.mock.request_with_id(request_id)["path"] == "/v1/responses"
+    assert stack.admin.record(request_id, since=since)["model"] == "-"
     assert_still_serving(stack, client)
 
 

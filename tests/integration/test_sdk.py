@@ -490,7 +490,7 @@ def test_chat_path_alias_answers_like_the_canonical_path(
     response = client.post(path, json=body, headers={"x-request-id": request_id})
 
     assert response.status_code == 200, response.text
-    assert response.headers["x-request-id"] == request_id
+    assert response.headers["x-client-request-id"] == request_id
     answer = response.json()
     assert answer["object"] == "chat.completion"
     assert answer["choices"][0]["message"]["content"]
@@ -586,7 +586,9 @@ def test_upstream_sees_the_operator_key_never_the_clients(
     assert key["key"] not in json.dumps(headers)
 
 
-def test_upstream_gets_exactly_one_request_id_the_clients(client: httpx.Client, mock: Mock) -> None:
+def test_upstream_gets_tollgates_request_id_and_the_clients_beside_it(
+    client: httpx.Client, mock: Mock
+) -> None:
     request_id = new_request_id()
     response = client.post(
         "/v1/chat/completions",
@@ -594,8 +596,10 @@ def test_upstream_gets_exactly_one_request_id_the_clients(client: httpx.Client, 
         headers={"x-request-id": request_id},
     )
 
-    assert response.headers["x-request-id"] == request_id
-    assert mock.request_with_id(request_id)["headers"]["x-request-id"] == request_id
+    assert response.headers["x-client-request-id"] == request_id
+    upstream = mock.request_with_id(request_id)["headers"]
+    assert upstream["x-request-id"] == response.headers["x-request-id"] != request_id
+    assert upstream["x-client-request-id"] == request_id
 
 
 def test_insane_client_request_id_is_replaced_everywhere(client: httpx.Client, mock: Mock) -> None:
@@ -611,16 +615,21 @@ def test_insane_client_request_id_is_replaced_everywhere(client: httpx.Client, m
 
 
 @pytest.mark.parametrize("path", ["/v1/responses", "/api/v1/responses"])
-def test_other_v1_paths_pass_through_only_with_a_key(
-    client: httpx.Client, stack: Stack, path: str
+def test_metered_surfaces_reach_the_upstream_only_with_a_key(
+    client: httpx.Client, stack: Stack, mock: Mock, path: str, since: float
 ) -> None:
+    before = len(mock.received())
     anonymous = httpx.post(stack.url + path, json={"model": MODEL, "input": "hi"})
-    # The mock has no such route: its own 404 coming back proves the request went upstream.
-    proxied = client.post(path, json={"model": MODEL, "input": "hi"})
-
     assert anonymous.status_code == 401
-    assert proxied.status_code == 404
-    assert proxied.headers["x-request-id"]
+    assert len(mock.received()) == before
+
+    proxied = client.post(path, json={"model": MODEL, "input": "hi"})
+    request_id = proxied.headers["x-request-id"]
+    assert proxied.status_code == 404  # the mock's own answer: it has no /v1/responses
+    upstream = mock.request_with_id(request_id)
+    assert upstream["path"] == "/v1/responses"
+    assert upstream["headers"]["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert stack.admin.record(request_id, since=since)["status"] == 404
 
 
 def test_health_readiness_and_metrics_answer(stack: Stack) -> None:

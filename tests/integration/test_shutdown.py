@@ -158,7 +158,7 @@ def test_sigterm_lets_a_stream_finish_refuses_new_requests_and_exits_0(
         usage = json.loads(stream.events[-2])["usage"]
 
     (record,) = _usage_records(store, key["id"])
-    assert record["request_id"] == "shutdown-drain-1"
+    assert record["client_request_id"] == "shutdown-drain-1"
     assert record["usage_source"] == "upstream"
     assert record["status"] == 200
     assert record["stream"] is True
@@ -189,7 +189,7 @@ def test_stream_outliving_the_shutdown_timeout_is_cut_off_and_still_metered_once
         assert error["type"] == "service_unavailable"
 
     (record,) = _usage_records(store, key["id"])
-    assert record["request_id"] == "shutdown-abandoned-1"
+    assert record["client_request_id"] == "shutdown-abandoned-1"
     assert record["usage_source"] == "estimated"
     assert record["status"] == 503
     assert record["stream"] is True

@@ -61,7 +61,7 @@ def test_each_chunk_reaches_client_before_upstream_sends_the_next(
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        assert response.headers["x-request-id"] == request_id
+        assert response.headers["x-client-request-id"] == request_id
         events = data_events(response.iter_lines())
         # The opening chunk is sent before the gate; every later one waits for a release.
         assert chunk_content(next(events)) == ""
@@ -219,7 +219,7 @@ def test_sdk_streams_are_recorded_with_upstream_usage(
                 extra_headers={"x-request-id": request_id},
             ) as stream:
                 chunks = list(stream)
-            assert stream.response.headers["x-request-id"] == request_id
+            assert stream.response.headers["x-client-request-id"] == request_id
             assert chunks[-1].usage is not None
             usages.append(chunks[-1].usage)
 
