@@ -127,9 +127,12 @@ def _serve(settings: Settings) -> int:
     # uvicorn drains on SIGTERM, then raises the signal again with the handler found here: a
     # drained stop exits 0 (as under --workers) instead of being reported as killed (-15).
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    from proxy.http_server import http_protocol
+
     uvicorn.run(
         "proxy.cli:build_app",
         factory=True,
+        http=http_protocol(settings),
         host=settings.host,
         port=settings.port,
         workers=settings.workers,

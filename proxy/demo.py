@@ -14,6 +14,7 @@ import uvicorn
 
 from proxy.app import create_app
 from proxy.config import Settings
+from proxy.http_server import http_protocol
 from proxy.keys import Keyring
 from proxy.mock_upstream import create_mock_upstream
 from proxy.store import Store, embedded_client
@@ -82,6 +83,7 @@ async def run_demo(settings: Settings, *, host: str, port: int) -> None:
     proxy = uvicorn.Server(
         uvicorn.Config(
             create_app(settings, store=store),
+            http=http_protocol(settings),
             host=host,
             port=port,
             log_level=settings.log_level,
