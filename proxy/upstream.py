@@ -74,7 +74,9 @@ class Upstream:
         self.base_url = settings.upstream_url
         self.api_key = settings.upstream_api_key
         self.transport = transport or Http1Transport(
-            max_connections=1024, max_keepalive_connections=256
+            max_connections=1024,
+            max_keepalive_connections=256,
+            ca_file=settings.upstream_ca_file,  # a private CA, on top of the default store
         )
         # Only connecting is bounded here; the whole exchange has its own deadline.
         connect_s = min(10.0, settings.upstream_timeout_s)

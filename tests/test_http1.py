@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -533,3 +534,142 @@ async def test_limits_evict_idle_of_another_origin_and_cap_idle() -> None:
             await response.aread()
         assert transport.connections_idle == 1
         await server.peers[1].closed.wait()  # the second one back found the idle list full
+
+
+async def flood(peer: Peer, prefix: bytes, size: int, suffix: bytes) -> None:
+    """`prefix`, then `size` bytes of b"a" in 1 MiB writes, then `suffix`."""
+    await peer.send(prefix)
+    piece = b"a" * (1024 * 1024)
+    for _ in range(size // len(piece)):
+        await peer.send(piece)
+    await peer.send(suffix)
+    await peer.client_closed()
+
+
+@pytest.mark.parametrize("part", ["head", "trailers"])
+async def test_a_flood_of_header_bytes_is_refused_without_buffering_it(part: str) -> None:
+    size = 32 * 1024 * 1024
+
+    async def handle(peer: Peer) -> None:
+        await peer.request()
+        if part == "head":
+            await flood(peer, b"HTTP/1.1 200 OK\r\nX-Flood: ", size, b"\r\n\r\n")
+        else:
+            await flood(peer, CHUNKED_HEAD + b"2\r\nhi\r\n0\r\nX-Flood: ", size, b"\r\n\r\n")
+
+    async with serving(handle) as server, Http1Transport() as transport:
+        tracemalloc.start()
+        try:
+            with pytest.raises(httpx.RemoteProtocolError, match=f"{part} exceeds 102400 bytes"):
+                await fetch(transport, server.url)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 3 * 1024 * 1024  # a few socket reads, never the 32 MiB sent
+        await server.peers[0].closed.wait()
+        assert (transport.connections_in_use, transport.connections_idle) == (0, 0)
+
+
+async def test_head_up_to_100_kib_is_read_and_one_byte_more_is_refused() -> None:
+    def reply(head_size: int) -> bytes:
+        start = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Pad: "
+        return start + b"p" * (head_size - len(start) - 4) + b"\r\n\r\nok"
+
+    exact, over = reply(100 * 1024), reply(100 * 1024 + 1)
+    async with serving(answer(exact, over)) as server, Http1Transport() as transport:
+        assert await fetch(transport, server.url) == (200, b"ok")
+        with pytest.raises(httpx.RemoteProtocolError, match="head exceeds"):
+            await fetch(transport, server.url)
+        await server.peers[0].closed.wait()
+
+
+async def test_more_than_1000_headers_are_refused() -> None:
+    def reply(count: int) -> bytes:
+        return b"HTTP/1.1 200 OK\r\n" + b"X-H: 1\r\n" * (count - 1) + b"Content-Length: 2\r\n\r\nok"
+
+    async with serving(answer(reply(1000), reply(1001))) as server, Http1Transport() as t:
+        assert await fetch(t, server.url) == (200, b"ok")
+        with pytest.raises(httpx.RemoteProtocolError, match="more than 1000 headers"):
+            await fetch(t, server.url)
+        await server.peers[0].closed.wait()
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (b"000", "status code 0 "),
+        (b"099", "status code 99 "),
+        (b"600", "status code 600 "),
+        (b"999", "status code 999 "),
+        (b"101", "switched protocols"),
+    ],
+)
+async def test_status_outside_100_to_599_or_101_is_refused(status: bytes, message: str) -> None:
+    # After it, a valid response that must not be taken for this request's answer.
+    reply = b"HTTP/1.1 " + status + b" X\r\nUpgrade: h2c\r\nContent-Length: 3\r\n\r\nabc" + OK
+    async with serving(answer(reply)) as server, Http1Transport() as transport:
+        with pytest.raises(httpx.RemoteProtocolError, match=message):
+            await fetch(transport, server.url)
+        await server.peers[0].closed.wait()
+        assert (transport.connections_in_use, transport.connections_idle) == (0, 0)
+
+
+async def test_idle_connection_closed_by_the_server_unseen_by_the_loop_is_not_used() -> None:
+    # The body is larger than the read buffer's high-water mark, so reading pauses with the
+    # server's FIN unread; the next request picks the connection before the loop sees the close.
+    size = 100 * 1024
+
+    async def answer_then_close(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size)
+
+    async with serving(answer_then_close) as server, Http1Transport() as transport:
+        response = await transport.handle_async_request(request("GET", server.url))
+        await server.peers[0].closed.wait()
+        assert len(await response.aread()) == size
+        assert transport.connections_idle == 1
+        status, body = await fetch(transport, server.url)
+        assert (status, len(body)) == (200, size)
+        assert server.connections == 2
+        assert [data.split(b" ", 1)[0] for data in server.requests] == [b"GET", b"POST"]
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [b"zz\r\nhello\r\n0\r\n\r\n", b"5\r\nhelloXY0\r\n\r\n", b"1" * 20 + b"\r\n"],
+    ids=["not-hex", "no-crlf-after-data", "size-overflow"],
+)
+async def test_broken_chunked_framing_is_a_protocol_error(framing: bytes) -> None:
+    async def handle(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(CHUNKED_HEAD + framing)
+        await peer.client_closed()
+
+    async with serving(handle) as server, Http1Transport() as transport:
+        response = await transport.handle_async_request(request("GET", server.url))
+        with pytest.raises(httpx.RemoteProtocolError, match="Invalid HTTP response"):
+            await response.aread()
+        await server.peers[0].closed.wait()
+        assert (transport.connections_in_use, transport.connections_idle) == (0, 0)
+
+
+async def test_http_1_0_responses_end_with_the_connection_unless_kept_alive() -> None:
+    async def handle(peer: Peer) -> None:
+        await peer.request()
+        if peer is peer.server.peers[0]:
+            await peer.send(
+                b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok"
+            )
+            await peer.request()
+            await peer.send(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await peer.client_closed()
+        else:
+            await peer.send(b"HTTP/1.0 200 OK\r\n\r\nuntil the end")
+
+    async with serving(handle) as server, Http1Transport() as transport:
+        assert await fetch(transport, server.url) == (200, b"ok")  # kept alive: reused
+        assert await fetch(transport, server.url) == (200, b"ok")  # 1.0 default: closed after
+        await server.peers[0].closed.wait()
+        assert await fetch(transport, server.url) == (200, b"until the end")
+        assert server.connections == 2
+        assert (transport.connections_in_use, transport.connections_idle) == (0, 0)
