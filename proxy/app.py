@@ -19,14 +19,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy import admin, endpoints
 from proxy.config import Settings
-from proxy.errors import InternalError, InvalidRequest, MethodNotAllowed, NotFound, ProxyError
+from proxy.errors import (
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    ProxyError,
+    StoreUnavailable,
+)
 from proxy.gateway import Gateway
 from proxy.keys import Keyring
 from proxy.limits import LEASE_MARGIN_MS, Limiter
 from proxy.metrics import Metrics
+from proxy.models import ModelCatalog
 from proxy.paths import PassthroughPaths, refused_path
 from proxy.spool import Spool
-from proxy.store import Store, open_store
+from proxy.store import Store, StoreDown, open_store
 from proxy.sweeper import Sweeper
 from proxy.upstream import Upstream
 
@@ -140,6 +148,15 @@ async def proxy_error(request: Request, exc: Exception) -> Response:
     return _render(exc)
 
 
+async def store_down(request: Request, exc: Exception) -> Response:
+    """The store failed where no handler decided otherwise (admin API, usage queries): 503."""
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is not None:
+        gateway.metrics.store_errors.inc()
+    log.warning("store unreachable answering %s %s: %s", request.method, request.url.path, exc)
+    return _render(StoreUnavailable("The store is unreachable; try again shortly"))
+
+
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
@@ -157,20 +174,28 @@ def build_gateway(
     known_models = set(settings.prices.models)
     lease_ms = int(settings.upstream_timeout_s * 1000) + LEASE_MARGIN_MS
     limiter = Limiter(store, lease_ms=lease_ms, retention_days=settings.usage_retention_days)
+    upstream = Upstream(settings, transport=transport)
+    metrics = Metrics(
+        key_label=settings.metrics_key_label,
+        known_models=known_models,
+        multiprocess_dir=settings.metrics_multiprocess,
+    )
     return Gateway(
         settings=settings,
         store=store,
-        upstream=Upstream(settings, transport=transport),
-        metrics=Metrics(
-            key_label=settings.metrics_key_label,
-            known_models=known_models,
-            multiprocess_dir=settings.metrics_multiprocess,
-        ),
+        upstream=upstream,
+        metrics=metrics,
         limiter=limiter,
         keyring=Keyring(store),
         spool=Spool(settings.spool_dir),
         sweeper=Sweeper(store, limiter, settings.prices, every_ms=min(30_000, lease_ms // 2)),
         passthrough_paths=PassthroughPaths(settings.passthrough_paths),
+        models=ModelCatalog(
+            upstream,
+            metrics,
+            refresh_s=settings.models_cache_s,
+            timeout_s=settings.upstream_timeout_s,
+        ),
     )
 
 
@@ -187,9 +212,11 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         gateway = build_gateway(settings, store=store, transport=transport)
         app.state.gateway = gateway
+        await gateway.models.start()
         loops = [
             asyncio.create_task(gateway.replay_forever()),
             asyncio.create_task(gateway.sweep_forever()),
+            asyncio.create_task(gateway.models.refresh_forever()),
         ]
         try:
             yield
@@ -219,13 +246,18 @@ def create_app(
         Route("/anthropic/v1/messages", endpoints.surface, methods=["POST"]),
         Route("/healthz", endpoints.healthz, methods=["GET"]),
         Route("/readyz", endpoints.readyz, methods=["GET"]),
+        Route("/readyz/store", endpoints.readyz_store, methods=["GET"]),
         Route("/metrics", endpoints.metrics, methods=["GET"]),
         *admin.routes,
     ]
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={ProxyError: proxy_error, HTTPException: http_error},
+        exception_handlers={
+            ProxyError: proxy_error,
+            HTTPException: http_error,
+            StoreDown: store_down,
+        },
     )
     # A slash redirect would build its location from the client's Host header.
     app.router.redirect_slashes = False

@@ -420,36 +420,9 @@ async def _key_models(request: Request) -> tuple[Gateway, list[str] | None]:
     return gateway, record if isinstance(record, list) else None
 
 
-async def _upstream_models(gateway: Gateway) -> list[dict[str, Any]]:
-    """The upstream's model list, cached briefly per process."""
-    now = time.monotonic()
-    cached = gateway.models_cache
-    if cached is not None and cached[0] > now:
-        return cached[1]
-    headers = request_headers([], api_key=gateway.settings.upstream_api_key, request_id="models")
-    try:
-        async with asyncio.timeout(gateway.settings.upstream_timeout_s):
-            response = await gateway.upstream.send("GET", "/models", headers=headers, content=None)
-            payload = await response.aread()
-    except TimeoutError:
-        gateway.metrics.upstream_errors.labels("timeout").inc()
-        raise UpstreamTimeout(gateway.settings.upstream_timeout_s) from None
-    except httpx.HTTPError as exc:
-        raise UpstreamFailed("Upstream connection failed", reason="connect") from exc
-    parsed = _json_or_none(payload) if response.status_code == 200 else None
-    data = parsed.get("data") if parsed is not None else None
-    if not isinstance(data, list):
-        gateway.metrics.upstream_errors.labels("invalid" if parsed is None else "status").inc()
-        raise UpstreamFailed("Upstream did not answer with a model list", reason="invalid")
-    models = [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
-    gateway.models_cache = (now + gateway.settings.models_cache_s, models)
-    gateway.metrics.known_models.update(m["id"] for m in models)
-    return models
-
-
 async def list_models(request: Request) -> Response:
     gateway, allowed = await _key_models(request)
-    models = await _upstream_models(gateway)
+    models = await gateway.models.current()
     if allowed is not None:
         models = [m for m in models if m["id"] in allowed]
     return JSONResponse({"object": "list", "data": models})
@@ -458,7 +431,7 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request) -> Response:
     gateway, allowed = await _key_models(request)
     model_id = request.path_params["model"]
-    for model in await _upstream_models(gateway):
+    for model in await gateway.models.current():
         if model["id"] == model_id and (allowed is None or model_id in allowed):
             return JSONResponse(model)
     raise NotFound(f"The model '{model_id}' does not exist", param="model")
@@ -469,6 +442,17 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """This process can take traffic: it has started (its routes answer only once the lifespan
+    has) and is not draining (a draining server no longer accepts connections). Never failed
+    by the store: a Redis outage must not take every replica out of a load balancer at once,
+    or fail-open could serve nobody and fail-closed clients would get connection errors
+    instead of clean 503s."""
+    gateway_of(request)  # set by the lifespan
+    return JSONResponse({"status": "ready"})
+
+
+async def readyz_store(request: Request) -> Response:
+    """The store answers a PING; for monitoring, not for load balancers."""
     if await gateway_of(request).store.ping():
         return JSONResponse({"status": "ready"})
     return JSONResponse({"status": "store unreachable"}, status_code=503)

@@ -16,6 +16,7 @@ from proxy.config import Settings
 from proxy.keys import Keyring
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
+from proxy.models import ModelCatalog
 from proxy.paths import PassthroughPaths
 from proxy.spool import Spool
 from proxy.store import Store, StoreDown
@@ -38,9 +39,9 @@ class Gateway:
     spool: Spool
     sweeper: Sweeper
     passthrough_paths: PassthroughPaths
+    models: ModelCatalog
     # key hash -> (key name, monotonic expiry): keys seen lately, for fail-open.
     recent_keys: dict[str, tuple[str, float]] = field(default_factory=dict)
-    models_cache: tuple[float, list[dict[str, Any]]] | None = None
     _fail_open_logged: float = 0.0
 
     def remember_key(self, key_hash: str, key_name: str) -> None:

@@ -6,7 +6,8 @@ Some model names ask for misbehaviour, so operators can watch Tollgate handle it
 `mock-bad-json` (200 that is not JSON), `mock-drop` (stream cut mid-way), `mock-no-usage`
 (stream without usage), `mock-gated` (each chunk waits for POST /_mock/release).
 GET /_mock/requests shows every request it received, on any path (method, path, raw path,
-query, headers, body); POST /_mock/reset forgets them.
+query, headers, body), except its model list, which it only counts; POST /_mock/reset forgets
+them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class MockState:
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.model_list_requests = 0  # Tollgate's own GET /models, kept apart from the above
         self.gate = asyncio.Semaphore(0)
         self.open_streams = 0
         self.max_open_streams = 0
@@ -49,6 +51,10 @@ class _Recorder:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith("/_mock/"):
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "GET" and scope["path"] in ("/models", "/v1/models"):
+            self.state.model_list_requests += 1
             await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []
@@ -181,6 +187,7 @@ def create_mock_upstream(state: MockState | None = None) -> Starlette:
             "requests": state.requests,
             "open_streams": state.open_streams,
             "max_open_streams": state.max_open_streams,
+            "model_list_requests": state.model_list_requests,
         }
         return Response(json.dumps(answer), media_type="application/json")
 

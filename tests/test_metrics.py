@@ -42,3 +42,16 @@ def test_unknown_models_are_counted_as_other(harness: Harness) -> None:
     assert any('model="other"' in s and s.endswith(" 2.0") for s in samples), samples
     assert any('model="gpt-4o-mini"' in s for s in samples)
     assert not any("made-up" in s for s in samples)
+
+
+def test_upstream_models_are_labelled_without_any_client_asking_for_the_list(
+    harness: Harness,
+) -> None:
+    # mock-slow is in the upstream's list but not in the price table; nobody calls /v1/models.
+    key = harness.create_key()["key"]
+    body = {"model": "mock-slow", "messages": [{"role": "user", "content": "Hi"}]}
+    assert harness.chat(key, body).status_code == 200
+    samples = _samples(harness, "tollgate_requests_total")
+    assert any('model="mock-slow"' in s for s in samples), samples
+    assert not any('model="other"' in s for s in samples), samples
+    assert harness.mock.model_list_requests == 1

@@ -80,11 +80,18 @@ def test_fail_closed_answers_503_and_recovers_when_redis_returns(outage: Outage)
     response = chat(outage.closed, key)
     assert response.status_code == 503
     assert response.json()["error"]["type"] == "service_unavailable"
-    assert httpx.get(outage.closed.url + "/readyz").status_code == 503
+    assert httpx.get(outage.closed.url + "/readyz/store").status_code == 503
+    # Still ready: a Redis outage must not take every replica out of the load balancer.
+    assert httpx.get(outage.closed.url + "/readyz").status_code == 200
     assert httpx.get(outage.closed.url + "/healthz").status_code == 200
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    for path in ("/admin/keys", "/admin/keys/0123456789abcdef/usage", "/admin/usage/export"):
+        answer = httpx.get(outage.closed.url + path, headers=admin, timeout=20)
+        assert answer.status_code == 503, (path, answer.text)
+        assert answer.json()["error"]["type"] == "service_unavailable"
     outage.redis.start()
     wait_for(lambda: chat(outage.closed, key).status_code == 200, what="recovery")
-    assert httpx.get(outage.closed.url + "/readyz").status_code == 200
+    assert httpx.get(outage.closed.url + "/readyz/store").status_code == 200
 
 
 def test_fail_open_admits_known_keys_refuses_unknown_and_spools_usage(outage: Outage) -> None:

@@ -1,0 +1,97 @@
+"""The upstream's model list: fetched at startup and refreshed in the background in every process.
+
+`GET /v1/models` answers from it, and metrics label a request's model by it (plus the price
+table), so every worker labels the same request the same way, whatever its clients asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import httpx
+
+from proxy.errors import UpstreamFailed, UpstreamTimeout
+from proxy.metrics import Metrics
+from proxy.upstream import Upstream, request_headers
+
+log = logging.getLogger("tollgate")
+STARTUP_FETCH_S = 5.0  # how long startup waits for the first list before serving without it
+MAX_LABELLED_MODELS = 10_000  # the metrics' model label set stays bounded whatever the upstream
+
+
+class ModelCatalog:
+    """This process's copy of the upstream's model list."""
+
+    def __init__(
+        self, upstream: Upstream, metrics: Metrics, *, refresh_s: float, timeout_s: float
+    ) -> None:
+        self.upstream = upstream
+        self.metrics = metrics
+        self.refresh_s = refresh_s
+        self.timeout_s = timeout_s
+        self.models: list[dict[str, Any]] | None = None  # None until a fetch succeeded
+
+    async def current(self) -> list[dict[str, Any]]:
+        """The list the background refresh keeps; fetched now only when there is none yet."""
+        if self.models is not None:
+            return self.models
+        return await self.fetch(self.timeout_s)
+
+    async def start(self) -> None:
+        """The first fetch, bounded, before the process serves; failing it is not fatal."""
+        try:
+            await self.fetch(STARTUP_FETCH_S)
+        except Exception as exc:  # the refresh loop tries again
+            log.warning("could not fetch the upstream model list at startup: %s", exc)
+
+    async def fetch(self, timeout_s: float) -> list[dict[str, Any]]:
+        """Ask the upstream for its list; failures are counted and raised as ProxyErrors."""
+        headers = request_headers([], api_key=self.upstream.api_key, request_id="models")
+        try:
+            async with asyncio.timeout(timeout_s):
+                response = await self.upstream.send("GET", "/models", headers=headers, content=None)
+                payload = await response.aread()
+        except TimeoutError:
+            self.metrics.upstream_errors.labels("timeout").inc()
+            raise UpstreamTimeout(timeout_s) from None
+        except UpstreamFailed as exc:
+            self.metrics.upstream_errors.labels(exc.reason).inc()
+            raise
+        except httpx.HTTPError as exc:
+            self.metrics.upstream_errors.labels("connect").inc()
+            raise UpstreamFailed("Upstream connection failed", reason="connect") from exc
+        models = _model_list(payload) if response.status_code == 200 else None
+        if models is None:
+            self.metrics.upstream_errors.labels(
+                "status" if response.status_code != 200 else "invalid"
+            ).inc()
+            raise UpstreamFailed("Upstream did not answer with a model list", reason="invalid")
+        self.models = models
+        room = MAX_LABELLED_MODELS - len(self.metrics.known_models)
+        self.metrics.known_models.update([m["id"] for m in models][: max(room, 0)])
+        return models
+
+    async def refresh_forever(self) -> None:
+        """Refresh the list every `refresh_s`; a failed round keeps the last good list."""
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.fetch(self.timeout_s)
+            except (UpstreamFailed, UpstreamTimeout) as exc:
+                log.warning("could not refresh the upstream model list: %s", exc.message)
+            except Exception:  # a refresh round must never kill the loop
+                log.exception("model list refresh failed")
+
+
+def _model_list(payload: bytes) -> list[dict[str, Any]] | None:
+    try:
+        parsed = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    data = parsed.get("data") if isinstance(parsed, dict) else None
+    if not isinstance(data, list):
+        return None
+    return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
