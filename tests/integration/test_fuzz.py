@@ -21,25 +21,20 @@ import os
 import random
 import re
 import socket
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
 import httpx
 import pytest
-import uvicorn
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.mock_upstream import create_mock_upstream
-from tests.integration.conftest import ADMIN_TOKEN, Mock, Stack, running_stack
-from tests.servers import RedisServer, free_port, wait_for
+from tests.integration.conftest import ADMIN_TOKEN, Stack, running_mock, running_stack
+from tests.servers import RedisServer, wait_for
 
 REQUESTS = int(os.environ.get("TOLLGATE_FUZZ_REQUESTS", "500"))
 SECONDS = float(os.environ.get("TOLLGATE_FUZZ_SECONDS", "25"))
@@ -112,59 +107,6 @@ FORWARDABLE = re.compile(
     r"|audio/.+)"
 )
 SMUGGLED = ("%2f", "%5c", "%3f", "%23", "%00", "\\", "?", "#")
-
-
-@dataclass(frozen=True, slots=True)
-class Received:
-    """One request as the upstream received it, before any routing."""
-
-    method: str
-    raw_path: str
-    query: str
-    headers: dict[str, str]
-
-
-class RecordingUpstream:
-    """The built-in mock upstream behind a recorder of every request, routed or not.
-
-    The mock itself keeps only the chat and embeddings requests it answers, with their decoded
-    path; an escape to `/v1/files` or `/admin/keys` has to be seen even when it is a 404.
-    """
-
-    def __init__(self) -> None:
-        self.app: ASGIApp = create_mock_upstream()
-        self.received: list[Received] = []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope["path"].startswith("/_mock/"):
-            raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            self.received.append(
-                Received(
-                    method=scope["method"],
-                    raw_path=raw_path.decode("latin-1"),
-                    query=scope["query_string"].decode("latin-1"),
-                    headers=headers,
-                )
-            )
-        await self.app(scope, receive, send)
-
-
-@contextmanager
-def serving(app: ASGIApp) -> Iterator[str]:
-    """`app` on uvicorn in a thread of this process; yields its base URL (…/v1)."""
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=free_port(), log_level="error", lifespan="off", ws="none"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="fuzz-upstream", daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, what="the recording upstream")
-        yield f"http://127.0.0.1:{config.port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @dataclass(frozen=True, slots=True)
@@ -560,7 +502,7 @@ def send(case: Case, port: int, deadline: float) -> Answer | None:
 class FuzzRun:
     seed: int
     answers: list[Answer]
-    received: list[Received]
+    received: list[dict[str, Any]]  # what the mock upstream saw (not its model-list fetches)
     records: list[dict[str, Any]]
     alive: bool
     healthz: int | None
@@ -582,7 +524,7 @@ class FuzzRun:
         return (
             f"fuzz seed {self.seed}: {len(self.answers)} requests in {self.elapsed_s:.1f} s, "
             f"{dict(kinds)}, statuses {dict(sorted(statuses.items()))}, "
-            f"{len(self.upstream_requests())} upstream requests, {len(self.records)} records; "
+            f"{len(self.received)} upstream requests, {len(self.records)} records; "
             "reproduce with "
             f"TOLLGATE_FUZZ_SEED={self.seed} TOLLGATE_FUZZ_REQUESTS={REQUESTS} "
             f".venv/bin/pytest tests/integration/test_fuzz.py"
@@ -591,33 +533,21 @@ class FuzzRun:
     def response_ids(self) -> dict[str, Answer]:
         return {i: a for a in self.answers if (i := a.header("x-request-id")) is not None}
 
-    def upstream_requests(self) -> list[Received]:
-        return client_requests(self.received)
-
-
-def client_requests(received: list[Received]) -> list[Received]:
-    """What the upstream received for clients (not Tollgate's own model-list fetches)."""
-    return [r for r in received if not (r.method == "GET" and r.raw_path == "/v1/models")]
-
 
 @pytest.fixture(scope="module")
 def fuzz_stack(
     redis_store: RedisServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Stack, RecordingUpstream]]:
-    upstream = RecordingUpstream()
-    with serving(upstream) as url:
-        mock = Mock(url)
-        try:
-            spool = tmp_path_factory.mktemp("spool-fuzz")
-            with running_stack(redis_store, mock, spool, **SETTINGS) as stack:
-                yield stack, upstream
-        finally:
-            mock.client.close()
+) -> Iterator[Stack]:
+    """This module's own mock upstream, so what it received is the fuzz's alone."""
+    with running_mock() as mock:
+        spool = tmp_path_factory.mktemp("spool-fuzz")
+        with running_stack(redis_store, mock, spool, **SETTINGS) as stack:
+            yield stack
 
 
 @pytest.fixture(scope="module")
-def fuzz(fuzz_stack: tuple[Stack, RecordingUpstream]) -> FuzzRun:
-    stack, upstream = fuzz_stack
+def fuzz(fuzz_stack: Stack) -> FuzzRun:
+    stack = fuzz_stack
     since = time.time()
     limits = {"rpm": 10**7, "tpm": 10**10, "max_concurrency": 64, "credits": 1000}
     valid = stack.admin.create_key(name="fuzz-valid", **limits)
@@ -638,11 +568,17 @@ def fuzz(fuzz_stack: tuple[Stack, RecordingUpstream]) -> FuzzRun:
     elapsed_s = time.monotonic() - started
     key_ids = {valid["id"], revoked["id"]}
     records: list[dict[str, Any]] = []
+    received: list[dict[str, Any]] = []
 
     def settled() -> bool:
+        """Every upstream request has its record, and no request is still arriving upstream
+        (a client cut off early does not stop its request)."""
+        before = len(received)
+        received[:] = stack.mock.received()
         records[:] = [r for r in stack.admin.export(since=since) if r["key_id"] in key_ids]
         ids = {r["request_id"] for r in records}
-        return all(r.headers.get("x-request-id") in ids for r in client_requests(upstream.received))
+        landed = all(r["headers"].get("x-request-id") in ids for r in received)
+        return landed and len(received) == before
 
     # Streams settle just after their last byte; a record still missing shows in the checks.
     with contextlib.suppress(TimeoutError):
@@ -655,7 +591,7 @@ def fuzz(fuzz_stack: tuple[Stack, RecordingUpstream]) -> FuzzRun:
     return FuzzRun(
         seed=SEED,
         answers=answers,
-        received=list(upstream.received),
+        received=received,
         records=records,
         alive=process is not None and process.poll() is None,
         healthz=healthz,
@@ -673,7 +609,7 @@ def _is_error_json(body: bytes) -> bool:
 
 
 def test_fuzzed_requests_get_complete_answers_and_never_a_500(fuzz: FuzzRun) -> None:
-    upstream_ids = {r.headers.get("x-request-id") for r in fuzz.received}
+    upstream_ids = {r["headers"].get("x-request-id") for r in fuzz.received}
     failures = []
     for answer in fuzz.answers:
         if answer.kind in ("incomplete", "timeout"):
@@ -721,12 +657,12 @@ def test_every_upstream_request_was_admitted_and_has_one_usage_record(fuzz: Fuzz
     by_id = Counter(r["request_id"] for r in fuzz.records)
     answers = fuzz.response_ids()
     failures = [f"usage record id {i!r} appears {n} times" for i, n in by_id.items() if n > 1]
-    sent = Counter(r.headers.get("x-request-id") for r in fuzz.upstream_requests())
+    sent = Counter(r["headers"].get("x-request-id") for r in fuzz.received)
     client_ids = {i for a in fuzz.answers for i in a.case.client_ids}
-    for received in fuzz.upstream_requests():
-        request_id = received.headers.get("x-request-id")
+    for received in fuzz.received:
+        request_id = received["headers"].get("x-request-id")
         answer = answers.get(request_id or "")
-        seen = f"{received.method} {received.raw_path[:120]} (id {request_id!r}) <- " + (
+        seen = f"{received['method']} {received['raw_path'][:120]} (id {request_id!r}) <- " + (
             answer.describe() if answer else "no client answer with that id"
         )
         if request_id is None or request_id in client_ids:
@@ -747,9 +683,9 @@ def test_every_upstream_request_was_admitted_and_has_one_usage_record(fuzz: Fuzz
                 "request the upstream never saw <- "
                 + (answer.describe() if answer else "no client answer with that id")
             )
-    if len(fuzz.upstream_requests()) != len(fuzz.records) - len(unsent):
+    if len(fuzz.received) != len(fuzz.records) - len(unsent):
         failures.append(
-            f"{len(fuzz.upstream_requests())} upstream requests but "
+            f"{len(fuzz.received)} upstream requests but "
             f"{len(fuzz.records) - len(unsent)} records of requests that reached it"
         )
     fuzz.check("upstream requests without exactly one usage record", failures)
@@ -759,16 +695,16 @@ def test_upstream_only_receives_forwardable_paths(fuzz: FuzzRun) -> None:
     answers = fuzz.response_ids()
     failures = []
     for received in fuzz.received:
-        path = received.raw_path
+        path = received["raw_path"]
         segments = [unquote(s) for s in path.split("/")[1:]]
         if (
             not FORWARDABLE.fullmatch(path)
             or any(s in (".", "..") for s in segments)
             or any(m in path.lower() for m in SMUGGLED)
         ):
-            answer = answers.get(received.headers.get("x-request-id") or "")
+            answer = answers.get(received["headers"].get("x-request-id") or "")
             failures.append(
-                f"{received.method} {path[:160]!r}?{received.query[:40]!r} <- "
+                f"{received['method']} {path[:160]!r}?{received['query'][:40]!r} <- "
                 + (answer.describe() if answer else "no client answer with that id")
             )
     fuzz.check("upstream paths Tollgate must not forward", failures)
