@@ -10,14 +10,16 @@ import time
 from typing import Any
 
 import httpx
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from proxy import paths
 from proxy.errors import (
     AuthenticationFailed,
+    ClientClosed,
     InsufficientCredits,
     InvalidRequest,
+    MethodNotAllowed,
     ModelNotAllowed,
     NotFound,
     ProxyError,
@@ -74,11 +76,14 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         raise RequestTooLarge(f"Request body is larger than the limit of {max_bytes} bytes")
     parts: list[bytes] = []
     size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > max_bytes:
-            raise RequestTooLarge(f"Request body is larger than the limit of {max_bytes} bytes")
-        parts.append(part)
+    try:
+        async for part in request.stream():
+            size += len(part)
+            if size > max_bytes:
+                raise RequestTooLarge(f"Request body is larger than the limit of {max_bytes} bytes")
+            parts.append(part)
+    except ClientDisconnect:
+        raise ClientClosed("The client closed the connection before its body was read") from None
     return b"".join(parts)
 
 
@@ -362,6 +367,8 @@ async def passthrough(request: Request) -> Response:
     """
     gateway = gateway_of(request)
     path: str = request.scope["path"]
+    if request.method == "HEAD":  # Starlette adds it to GET routes; upstreams need none
+        raise MethodNotAllowed("Method HEAD not allowed here")
     api_form = path.startswith("/api/v1/")
     if not gateway.passthrough_paths.allows(path[4:] if api_form else path):
         gateway.metrics.answered("passthrough", "", NotFound.status_code, "")

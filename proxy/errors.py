@@ -96,6 +96,14 @@ class RequestTooLarge(ProxyError):
     code = "request_too_large"
 
 
+class ClientClosed(ProxyError):
+    """The client went away before its request was read whole; nobody reads this answer."""
+
+    status_code = 499  # nginx's status for a client that closed the connection
+    error_type = "invalid_request_error"
+    code = "client_closed_request"
+
+
 class RateLimited(ProxyError):
     status_code = 429
     error_type = "rate_limit_error"

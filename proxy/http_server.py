@@ -7,6 +7,7 @@ Chunked trailer fields are dropped here, so they never join the request's header
 from __future__ import annotations
 
 import asyncio
+import os
 from functools import partial
 from typing import Any, NamedTuple, cast
 
@@ -178,6 +179,7 @@ class ClientConnection(HttpToolsProtocol):
         content += [
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
+            b"x-request-id: %s\r\n" % os.urandom(16).hex().encode(),  # as every answer has
             b"connection: close\r\n\r\n",
             body,
         ]
