@@ -67,8 +67,13 @@ class Gateway:
             log.warning(
                 "store unreachable while settling %s: spooled (%s)", settlement["request_id"], exc
             )
-            await asyncio.to_thread(self.spool.append, settlement)
-            self.metrics.spooled.inc()  # the replay loop sets the exact count every round
+        except Exception:  # whatever else fails, the record must not be lost: spool it too
+            self.metrics.store_errors.inc()
+            log.exception("settling %s failed: spooled", settlement["request_id"])
+        else:
+            return
+        await asyncio.to_thread(self.spool.append, settlement)
+        self.metrics.spooled.inc()  # the replay loop sets the exact count every round
 
     async def replay_spool(self) -> int:
         """Send spooled settlements to the store; returns how many landed."""
@@ -81,7 +86,9 @@ class Gateway:
             for index, entry in enumerate(entries):
                 try:
                     await self.limiter.settle(**entry)
-                except StoreDown:
+                except Exception as exc:
+                    if not isinstance(exc, StoreDown):
+                        log.exception("replaying %s failed; kept for the next round", entry)
                     # Put back what did not land; the next round tries again.
                     for rest in entries[index:]:
                         self.spool.append(rest)

@@ -133,9 +133,16 @@ class Exchange:
         await self._finish(status, billable)
 
     async def _finish(self, status: int, billable: bool) -> None:
+        try:
+            await self._settle(status, billable)
+        finally:
+            self.gateway.metrics.inflight.dec()
+
+    async def _settle(self, status: int, billable: bool) -> None:
         gateway, admitted = self.gateway, self.admitted
         if self.response is not None:
-            await self.response.aclose()
+            with contextlib.suppress(Exception):  # a broken connection must not stop settling
+                await self.response.aclose()
         usage = self.final_usage(upstream_reached=billable)
         prices = gateway.settings.prices
         cost_micros = prices.cost_micros(
@@ -172,7 +179,6 @@ class Exchange:
             completion_tokens=usage.completion_tokens,
             cost_usd=cost_micros / 1_000_000,
         )
-        metrics.inflight.dec()
 
 
 class RelayResponse:

@@ -56,3 +56,27 @@ def test_replay_lands_every_spooled_record_exactly_once(harness: Harness) -> Non
     entries = harness.run(harness.gateway.store.client.xrange, keys_of.usage_key(key_id))
     ids = sorted(json.loads(fields["r"])["request_id"] for _, fields in entries)
     assert ids == ["orphaned-1", "spooled-1"]
+
+
+def test_a_settlement_that_fails_unexpectedly_is_spooled_and_the_gauge_comes_back(
+    harness: Harness,
+) -> None:
+    record = harness.create_key(credits=5)
+    # A corrupted balance: admission reads it as no balance, settlement's HINCRBY fails with
+    # a Redis error that is not a connection failure.
+    client = harness.gateway.store.client
+    harness.run(client.hset, keys_of.record_key(record["id"]), "credits", "not-a-number")
+    response = harness.chat(record["key"])
+    assert response.status_code == 200, response.text
+    spooled = [
+        json.loads(line)
+        for path in harness.gateway.spool.files()
+        for line in path.read_text().splitlines()
+    ]
+    assert [entry["request_id"] for entry in spooled] == [response.headers["x-request-id"]]
+    metrics = harness.client.get("/metrics").text
+    assert "tollgate_inflight_requests 0.0" in metrics
+    # Mended, the replay lands it.
+    harness.run(client.hset, keys_of.record_key(record["id"]), "credits", "5000000")
+    assert harness.run(harness.gateway.replay_spool) == 1
+    assert harness.gateway.spool.files() == []
