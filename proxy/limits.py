@@ -1,7 +1,8 @@
-"""Admission and settlement: the decisions of the limits (values, not exceptions).
+"""Admission, settlement and release: the decisions of the limits (values, not exceptions).
 
 One script call authenticates and admits (requests, tokens, concurrency, credits); one settles
-and records usage. Only the web edge turns a refusal into an HTTP error.
+and records usage; one releases, uncharged, an admission whose reply the store failure lost.
+Only the web edge turns a refusal into an HTTP error.
 """
 
 from __future__ import annotations
@@ -114,6 +115,21 @@ class Limiter:
         ]
         keys = store.settlement_keys(key_id)
         reply = await self.store.run(self.store.settle_script, keys, args)
+        return bool(reply)
+
+    async def release(self, key_id: str, request_id: str) -> bool:
+        """Undo an admission that never reached the upstream (its reply was lost to a store
+        failure): slot, reservation, token estimate and the request's token come back, with no
+        charge and no usage record, and a later settlement of the id does nothing.
+
+        Idempotent; an id never admitted, or already settled or released, changes nothing.
+        True when an admission was released now. Raises StoreDown when the store is down
+        (the caller keeps the release to retry it).
+        """
+        keys = store.release_keys(key_id)
+        reply = await self.store.run(
+            self.store.release_script, keys, [request_id, self.retention_ms]
+        )
         return bool(reply)
 
 

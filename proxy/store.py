@@ -1,13 +1,15 @@
 """The store: Redis client construction, every Redis key name, and the Lua scripts.
 
 With no Redis URL the store is in-process (fakeredis running the very same Lua scripts), for
-`tollgate demo` and single-process use. Redis connection failures become StoreDown here.
+`tollgate demo` and single-process use. Every failure of the store itself (connection, timeout,
+cluster, a server that refuses work for now) becomes StoreDown here, and nothing else does.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -22,14 +24,25 @@ from proxy.redis_mux import ClusterMux, RedisMux
 log = logging.getLogger("tollgate.store")
 T = TypeVar("T")
 
+# redis-py's classes for "the store cannot do this now": the connection (refused, lost, timed
+# out, not authenticated, max number of clients reached), the cluster (no reachable node, slots
+# not covered, CLUSTERDOWN, MASTERDOWN, redirections or TRYAGAIN past the retry budget), a server
+# loading its data set, a replica refusing writes, memory full, a reply that could not be read.
 STORE_ERRORS: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
+    redis.exceptions.ConnectionError,  # and AuthenticationError, BusyLoadingError, MaxConnections
     redis.exceptions.TimeoutError,
-    redis.exceptions.ClusterDownError,
+    redis.exceptions.ClusterError,  # and ClusterDownError, MasterDownError; "TTL exhausted"
+    redis.exceptions.RedisClusterException,  # and SlotNotCoveredError; "cannot be connected"
+    redis.exceptions.AskError,  # and MovedError
     redis.exceptions.TryAgainError,
-    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.InvalidResponse,
     OSError,
 )
+# Error replies redis-py has no class for that mean the same: a script running too long
+# (BUSY), writes refused after a failed snapshot (MISCONF), too few replicas (NOREPLICAS).
+_UNAVAILABLE_CODES = frozenset({"BUSY", "MISCONF", "NOREPLICAS"})
 
 KEY_INDEX = "tollgate:keys"
 REDIS_POOL_SIZE = 64  # connections per process to a single Redis
@@ -79,6 +92,23 @@ def settlement_keys(key_id: str) -> list[str]:
     return [*admission_keys(key_id), usage_key(key_id), aggregates_key(key_id), settled_key(key_id)]
 
 
+def release_keys(key_id: str) -> list[str]:
+    return [*admission_keys(key_id), settled_key(key_id)]
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """Translate the store's failures into StoreDown, once, at this boundary."""
+    try:
+        yield
+    except STORE_ERRORS as exc:
+        raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
+    except redis.exceptions.ResponseError as exc:
+        if str(exc).split(" ", 1)[0] not in _UNAVAILABLE_CODES:
+            raise
+        raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
+
+
 def _script_source(name: str) -> str:
     return resources.files("proxy").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
@@ -100,35 +130,35 @@ class Store:
         self.mux = mux  # the hot path's shared connection, when the server allows one
         self.admit_script: AsyncScript = client.register_script(_script_source("limits_admit"))
         self.settle_script: AsyncScript = client.register_script(_script_source("limits_settle"))
+        self.release_script: AsyncScript = client.register_script(_script_source("limits_release"))
 
     async def run(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
         """EVALSHA a registered script (loading it on NOSCRIPT), with failures as StoreDown.
 
         Over the shared connection when there is one; otherwise straight to redis-py's
-        `evalsha` (its Script wrapper checks its client's type on every call).
+        `evalsha` (its Script wrapper checks its client's type on every call). On a cluster,
+        SCRIPT LOAD goes to every master, so a node that owns the slot after a migration or a
+        failover has it too.
         """
-        try:
+        with store_errors():
             if self.mux is not None:
-                return await self.mux.evalsha(script.sha, script.script, keys, args)
+                return await self.mux.evalsha(script.sha, str(script.script), keys, args)
             try:
                 return await self.client.evalsha(script.sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
                 await self.client.script_load(script.script)
                 return await self.client.evalsha(script.sha, len(keys), *keys, *args)
-        except STORE_ERRORS as exc:
-            raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
 
     async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis operation, translating connection failures into StoreDown."""
-        try:
+        """Run one Redis operation, translating the store's failures into StoreDown."""
+        with store_errors():
             return await operation()
-        except STORE_ERRORS as exc:
-            raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
 
     async def ping(self) -> bool:
         try:
-            return bool(await self.client.ping())
-        except STORE_ERRORS:
+            with store_errors():
+                return bool(await self.client.ping())
+        except StoreDown:
             return False
 
     async def aclose(self) -> None:

@@ -81,11 +81,17 @@ class RedisServer:
     """A real redis-server on a free loopback port; can be stopped and started again."""
 
     def __init__(
-        self, *, port: int | None = None, cluster: bool = False, persistent: bool = False
+        self,
+        *,
+        port: int | None = None,
+        cluster: bool = False,
+        persistent: bool = False,
+        node_timeout_ms: int = 15_000,
     ) -> None:
         self.port = port or (free_cluster_port() if cluster else free_port())
         self.cluster = cluster
         self.persistent = persistent  # AOF with fsync on every write, to survive a restart
+        self.node_timeout_ms = node_timeout_ms  # a cluster master silent this long fails over
         self.dir = Path(tempfile.mkdtemp(prefix="tollgate-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -99,9 +105,11 @@ class RedisServer:
             "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
             "--save", "", "--protected-mode", "no",
             "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
+            "--enable-debug-command", "local",  # DEBUG SLEEP stalls Redis in failure tests
         ]  # fmt: skip
         if self.cluster:
-            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                     "--cluster-node-timeout", str(self.node_timeout_ms)]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: _port_open(self.port), what=f"redis-server on {self.port}")
 
@@ -125,34 +133,54 @@ class RedisServer:
 @contextmanager
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer()
-    server.start()
     try:
+        server.start()
         yield server
     finally:
         server.cleanup()
 
 
 @contextmanager
-def redis_cluster(masters: int = 3) -> Iterator[list[RedisServer]]:
-    """A real Redis Cluster of `masters` nodes (no replicas) on loopback."""
-    nodes = [RedisServer(cluster=True) for _ in range(masters)]
+def redis_cluster(
+    masters: int = 3, *, replicas: int = 0, node_timeout_ms: int = 15_000
+) -> Iterator[list[RedisServer]]:
+    """A real Redis Cluster on loopback: `masters` masters with `replicas` replicas each. The
+    list is in `--cluster create` order (masters first); roles change with failovers, so ask
+    `role_of()` rather than trusting the order afterwards."""
+    nodes = [
+        RedisServer(cluster=True, node_timeout_ms=node_timeout_ms)
+        for _ in range(masters * (1 + replicas))
+    ]
     try:
         for node in nodes:
             node.start()
         subprocess.run(
             ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
-             "--cluster-replicas", "0", "--cluster-yes"],
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
             capture_output=True, check=True, timeout=60,
         )  # fmt: skip
-        wait_for(
-            lambda: all("cluster_state:ok" in n.cli("cluster", "info") for n in nodes),
-            timeout_s=30,
-            what="cluster_state:ok",
-        )
+        wait_for(lambda: cluster_ready(nodes, replicas=replicas), timeout_s=30, what="cluster")
         yield nodes
     finally:
         for node in nodes:
             node.cleanup()
+
+
+def cluster_ready(nodes: list[RedisServer], *, replicas: int = 0) -> bool:
+    """Every running node sees cluster_state:ok and, with replicas, each replica is synced."""
+    running = [n for n in nodes if n.process is not None]
+    if not all("cluster_state:ok" in n.cli("cluster", "info") for n in running):
+        return False
+    return replicas == 0 or all(
+        "master_link_status:up" in n.cli("info", "replication")
+        for n in running
+        if role_of(n) == "slave"
+    )
+
+
+def role_of(node: RedisServer) -> str:
+    """The role the node itself reports: "master" or "slave"."""
+    return node.cli("role").splitlines()[0]
 
 
 class ProxyServer:
@@ -219,8 +247,8 @@ def proxy_server(
     *, env: Mapping[str, str], args: list[str] | None = None, ready_path: str = "/healthz"
 ) -> Iterator[ProxyServer]:
     server = ProxyServer(env=env, args=args)
-    server.start(ready_path=ready_path)
     try:
+        server.start(ready_path=ready_path)
         yield server
     finally:
         server.stop()

@@ -301,3 +301,68 @@ async def test_scripts_are_reloaded_after_a_script_flush(store: Store) -> None:
     await store.client.script_flush()
     assert (await key.admit(T0, request_id="after")).admitted
     assert await key.settle("after", T0)
+
+
+async def _inflight_and_reserved(key: Key) -> tuple[list[str], dict[str, str]]:
+    client = key.store.client
+    inflight: list[str] = await client.zrange(keys_of.inflight_key(key.id), 0, -1)
+    reserved: dict[str, str] = await client.hgetall(keys_of.reserved_key(key.id))
+    return inflight, reserved
+
+
+@pytest.mark.anyio
+async def test_release_gives_back_slot_reservation_tokens_and_request_without_a_record(
+    store: Store,
+) -> None:
+    key = await new_key(store, credits=1000, rpm=10, tpm=1000, max_concurrency=1)
+    assert (await key.admit(T0, tokens=300, cost=400, request_id="lost")).admitted
+    assert (await key.admit(T0, request_id="second")).verdict == "concurrency"
+    assert await key.limiter.release(key.id, "lost") is True
+    assert await _inflight_and_reserved(key) == ([], {})
+    record = await key.record()
+    assert (record["credits"], record["reserved"]) == ("1000", "0")
+    bucket = await key.bucket()
+    assert (float(bucket["r"]), float(bucket["t"])) == (10, 1000)  # full again
+    assert await store.client.xlen(keys_of.usage_key(key.id)) == 0
+    assert await store.client.hgetall(keys_of.aggregates_key(key.id)) == {}
+    assert (await key.admit(T0, request_id="second")).admitted  # the slot is free
+
+
+@pytest.mark.anyio
+async def test_release_is_idempotent_and_a_later_settlement_records_nothing(store: Store) -> None:
+    key = await new_key(store, credits=1000, tpm=1000)
+    assert (await key.admit(T0, tokens=100, cost=200, request_id="lost")).admitted
+    assert await key.limiter.release(key.id, "lost") is True
+    assert await key.limiter.release(key.id, "lost") is False
+    assert await key.settle("lost", T0, cost=50) is False  # a sweep of the same id, say
+    record = await key.record()
+    assert (record["credits"], record["reserved"]) == ("1000", "0")
+    assert float((await key.bucket())["t"]) == 1000
+    assert await store.client.xlen(keys_of.usage_key(key.id)) == 0
+
+
+@pytest.mark.anyio
+async def test_release_of_a_settled_or_never_admitted_id_changes_nothing(store: Store) -> None:
+    key = await new_key(store, credits=1000, rpm=10, tpm=1000)
+    assert (await key.admit(T0, tokens=100, cost=200, request_id="done")).admitted
+    assert await key.settle("done", T0, prompt=40, completion=20, cost=50) is True
+    before = (await key.record(), await key.bucket(), await _inflight_and_reserved(key))
+    assert await key.limiter.release(key.id, "done") is False
+    assert await key.limiter.release(key.id, "never") is False
+    after = (await key.record(), await key.bucket(), await _inflight_and_reserved(key))
+    assert after == before
+    assert await store.client.xlen(keys_of.usage_key(key.id)) == 1
+    settled = await store.client.zrange(keys_of.settled_key(key.id), 0, -1)
+    assert settled == ["done"]  # "never" is not remembered: its admission may still land
+
+
+@pytest.mark.anyio
+async def test_release_of_a_key_without_limits_or_balance_frees_only_the_slot(
+    store: Store,
+) -> None:
+    key = await new_key(store)
+    assert (await key.admit(T0, request_id="lost")).admitted
+    assert await key.limiter.release(key.id, "lost") is True
+    assert await _inflight_and_reserved(key) == ([], {})
+    assert await key.bucket() == {}
+    assert (await key.record())["reserved"] == "0"

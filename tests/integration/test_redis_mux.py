@@ -1,11 +1,14 @@
 """The hot path's shared Redis connection against a real redis-server: replies reach the right
-callers, a cancelled caller does not shift anyone's reply, a silent Redis times out, and a
-restarted one is reconnected to."""
+callers, a cancelled or overdue caller does not shift anyone's reply, only overdue calls fail,
+a stall holds calls in the client, a silent Redis times out, and a restarted or full one is
+reconnected to."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -18,7 +21,7 @@ import redis.exceptions
 from proxy.config import load_settings
 from proxy.keys import new_key, parse_key
 from proxy.limits import Limiter
-from proxy.redis_mux import ClusterMux, RedisMux
+from proxy.redis_mux import MAX_IN_FLIGHT, ClusterMux, RedisMux
 from proxy.store import Store, StoreDown, open_store
 from tests.servers import (
     RedisServer,
@@ -89,10 +92,38 @@ async def test_a_cancelled_caller_does_not_shift_the_replies(real_redis: RedisSe
         await connection.aclose()
 
 
-async def test_a_silent_redis_fails_every_waiting_call_then_is_reconnected(
+async def test_each_overdue_call_fails_alone_and_late_replies_are_skipped(
     real_redis: RedisServer,
 ) -> None:
     connection = mux(real_redis.url, timeout_s=0.3)
+    try:
+        blocked = asyncio.ensure_future(connection.execute("BLPOP", "mux:never", "0.6"))
+        behind = asyncio.ensure_future(connection.execute("ECHO", "behind it"))
+        await asyncio.sleep(0.2)
+        # Issued while BLPOP holds the connection: it waits in the client, is written when
+        # BLPOP's reply comes (at 0.6 s, before its own deadline) and gets its own reply.
+        later = asyncio.ensure_future(connection.execute("ECHO", "later"))
+        results = await asyncio.gather(blocked, behind, return_exceptions=True)
+        assert all(isinstance(r, redis.exceptions.TimeoutError) for r in results), results
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await later  # 0.5 s: still waiting for BLPOP's reply
+    finally:
+        await connection.aclose()
+    connection = mux(real_redis.url, timeout_s=0.5)
+    try:
+        blocked = asyncio.ensure_future(connection.execute("BLPOP", "mux:never", "0.3"))
+        await asyncio.sleep(0.1)
+        later = asyncio.ensure_future(connection.execute("ECHO", "later"))
+        assert await blocked is None
+        assert await later == "later"
+    finally:
+        await connection.aclose()
+
+
+async def test_a_silent_redis_fails_calls_at_their_deadline_then_the_connection_is_replaced(
+    real_redis: RedisServer,
+) -> None:
+    connection = RedisMux(real_redis.url, timeout_s=0.3, connect_timeout_s=1.0, silence_s=0.6)
     try:
         started = time.monotonic()
         waiting = [
@@ -101,10 +132,110 @@ async def test_a_silent_redis_fails_every_waiting_call_then_is_reconnected(
         ]
         results = await asyncio.gather(*waiting, return_exceptions=True)
         assert all(isinstance(r, redis.exceptions.TimeoutError) for r in results), results
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 0.6
+        await asyncio.sleep(0.5)  # silent for 0.6 s while owing replies: dropped
         assert await connection.execute("ECHO", "again") == "again"
     finally:
         await connection.aclose()
+
+
+async def test_a_burst_during_a_stall_writes_at_most_the_in_flight_bound(
+    real_redis: RedisServer,
+) -> None:
+    counter = "mux:burst:" + str(time.monotonic_ns())
+    connection = mux(real_redis.url, timeout_s=0.3)
+    staller: Any = redis.asyncio.Redis.from_url(real_redis.url)
+    try:
+        await connection.execute("PING")
+        stall = asyncio.ensure_future(staller.execute_command("DEBUG", "SLEEP", "0.6"))
+        await asyncio.sleep(0.05)
+        calls = [connection.execute("INCR", counter) for _ in range(MAX_IN_FLIGHT + 300)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        await stall
+        assert all(isinstance(r, redis.exceptions.TimeoutError) for r in results)
+        executed = int(await connection.execute("GET", counter))
+        print(f"\nburst during a stall: {len(results)} failed, {executed} of them ran")
+        assert executed == MAX_IN_FLIGHT  # the rest timed out in the client, never sent
+    finally:
+        await connection.aclose()
+        await staller.aclose()
+
+
+async def test_a_call_cancelled_before_it_is_written_is_never_sent(
+    real_redis: RedisServer,
+) -> None:
+    counter = "mux:cancelled:" + str(time.monotonic_ns())
+    connection = mux(real_redis.url)
+    try:
+        await connection.execute("PING")
+        call = asyncio.ensure_future(connection.execute("INCR", counter))
+        await asyncio.sleep(0)  # issued, not yet written
+        call.cancel()
+        assert await connection.execute("ECHO", "next") == "next"
+        assert call.cancelled()
+        assert await connection.execute("GET", counter) is None
+    finally:
+        await connection.aclose()
+
+
+async def test_an_undecodable_reply_fails_only_its_own_call(real_redis: RedisServer) -> None:
+    raw: Any = redis.asyncio.Redis.from_url(real_redis.url)
+    connection = mux(real_redis.url)
+    try:
+        await raw.set("mux:latin1", b"caf\xe9")
+        results = await asyncio.gather(
+            connection.execute("ECHO", "before"),
+            connection.execute("GET", "mux:latin1"),
+            connection.execute("ECHO", "after"),
+            return_exceptions=True,
+        )
+        assert results[0] == "before" and results[2] == "after"
+        assert isinstance(results[1], redis.exceptions.InvalidResponse)
+        assert await connection.execute("ECHO", "still here") == "still here"
+    finally:
+        await connection.aclose()
+        await raw.aclose()
+
+
+async def test_a_connect_attempt_whose_callers_all_left_does_not_fail_the_next_caller() -> None:
+    with redis_server() as server:
+        server.cli("CONFIG", "SET", "requirepass", "s3cret")
+        connection = RedisMux(
+            f"redis://:s3cret@127.0.0.1:{server.port}/0", timeout_s=1.0, connect_timeout_s=0.3
+        )
+        assert server.process is not None
+        try:
+            server.process.send_signal(signal.SIGSTOP)  # accepts, never answers AUTH
+            first = asyncio.ensure_future(connection.execute("PING"))
+            await asyncio.sleep(0.05)
+            first.cancel()
+            await asyncio.sleep(0.4)  # the attempt times out with nobody waiting
+            server.process.send_signal(signal.SIGCONT)
+            assert await connection.execute("ECHO", "fresh") == "fresh"
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+            await connection.aclose()
+
+
+async def test_max_clients_reached_is_a_connection_error_then_connects_again() -> None:
+    with redis_server() as server:
+        connection = mux(server.url)
+        server.cli("CONFIG", "SET", "maxclients", "3")
+        hogs = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+        try:
+            for hog in hogs:
+                hog.sendall(b"PING\r\n")
+                assert hog.recv(16) == b"+PONG\r\n"
+            with pytest.raises(redis.exceptions.ConnectionError, match="max number of clients"):
+                await connection.execute("PING")
+        finally:
+            for hog in hogs:
+                hog.close()
+        await asyncio.sleep(0.1)
+        try:
+            assert await connection.execute("ECHO", "in") == "in"
+        finally:
+            await connection.aclose()
 
 
 async def test_a_restarted_redis_is_reconnected_and_the_outage_is_store_down() -> None:
@@ -194,7 +325,7 @@ def test_shared_connections_unless_the_url_needs_redis_py(tmp_path: Path) -> Non
     assert store_for("rediss://127.0.0.1:7000?ssl_ciphers=HIGH", cluster=True).mux is None
 
 
-async def test_cluster_calls_go_to_the_slot_owner_and_redirects_fall_back_to_redis_py(
+async def test_cluster_calls_go_to_the_slot_owner_and_follow_moved_themselves(
     real_cluster: list[RedisServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = f"redis://127.0.0.1:{real_cluster[0].port}"
@@ -202,30 +333,23 @@ async def test_cluster_calls_go_to_the_slot_owner_and_redirects_fall_back_to_red
     script = client.register_script(SCRIPT)
     cluster_mux = ClusterMux(client, url, timeout_s=2.0, connect_timeout_s=2.0)
     through_redis_py: list[tuple[Any, ...]] = []
-    evalsha = client.evalsha
-
-    def counted(*args: Any) -> Any:
-        through_redis_py.append(args)
-        return evalsha(*args)
-
-    monkeypatch.setattr(client, "evalsha", counted)
+    monkeypatch.setattr(client, "evalsha", lambda *args: through_redis_py.append(args))
     try:
         tags = [f"{{tag{i}}}x" for i in range(12)]  # spread over the masters
         for tag in tags:
             assert await cluster_mux.evalsha(script.sha, script.script, [tag], ["v", 1]) == [
                 tag, "v", 2
             ]  # fmt: skip
-        assert through_redis_py == []
         owners = {client.get_node_from_key(tag).name for tag in tags}
-        assert set(cluster_mux._nodes) == owners and len(owners) > 1
+        assert set(cluster_mux.nodes) == owners and len(owners) > 1
 
-        # A stale slot map: the wrong master answers MOVED and redis-py follows it.
+        # A stale slot map: the wrong master answers MOVED, which is followed here.
         right = client.get_node_from_key(tags[0])
         wrong = next(n for n in client.get_primaries() if n.name != right.name)
         monkeypatch.setattr(client, "get_node_from_key", lambda key, *a, **k: wrong)
         reply = await cluster_mux.evalsha(script.sha, script.script, [tags[0]], ["w", 5])
         assert reply == [tags[0], "w", 6]
-        assert len(through_redis_py) == 1
+        assert through_redis_py == []
     finally:
         await cluster_mux.aclose()
         await client.aclose()
