@@ -68,7 +68,7 @@ class _Recorder:
         raw = b"".join(chunks)
         try:
             body: Any = json.loads(raw) if raw else None
-        except ValueError:
+        except (ValueError, RecursionError):
             body = raw.decode("utf-8", "replace")
         self.state.requests.append(
             {
