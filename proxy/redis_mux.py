@@ -9,9 +9,10 @@ call still owed one (6 µs per call, and Redis reads many commands per wake-up).
 Every call has its own deadline, `timeout_s` from when it was issued; one watchdog timer per
 connection enforces them all. A call past its deadline fails alone: if it was already written,
 its reply is still owed and is skipped when it comes. At most MAX_IN_FLIGHT calls are written
-ahead of their replies, and none while the oldest has gone unanswered for HOLD_AFTER_S: the rest
-wait in the client, where a call that times out was never sent and so never ran. The connection
-itself is dropped only when Redis has sent nothing for `silence_s` while calls are owed replies.
+ahead of their replies, none while the oldest has gone unanswered for HOLD_AFTER_S, and none
+with too little time left to be answered: the rest wait in the client, where a call that times
+out was never sent and so never ran. The connection itself is dropped only when Redis has sent
+nothing for `silence_s` while calls are owed replies.
 
 On Redis Cluster there is one such connection per master, routed by redis-py's slot map.
 Everything else (admin, usage queries, the sweeper, spool replay) stays on redis-py.
@@ -37,6 +38,9 @@ log = logging.getLogger("tollgate.store")
 
 MAX_IN_FLIGHT = 256  # calls written to one connection ahead of their replies
 HOLD_AFTER_S = 0.1  # the oldest call unanswered this long: write no more until Redis answers
+SEND_MARGIN_S = 0.05  # a call with less time left than this, or than twice the age of the
+# oldest unanswered call (how far behind Redis is), is not written: it would likely run after
+# its caller had given up
 SILENCE_TIMEOUTS = 3  # a connection silent for this many call timeouts is dead
 _WATCHDOG_SLACK_S = 0.01  # deadlines this close together are enforced in one wake-up
 
@@ -65,6 +69,7 @@ class _Wire(asyncio.Protocol):
         self.silence_s = silence_s
         self.reader = hiredis.Reader(encoding="utf-8", replyError=redis.exceptions.ResponseError)
         self.queued: deque[_Call] = deque()  # issued, not written yet
+        self.unsent: deque[_Call] = deque()  # too late to write: they fail at their deadline
         self.pending: deque[_Call] = deque()  # written, replies owed, in order
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -90,8 +95,10 @@ class _Wire(asyncio.Protocol):
                 return
             if reply is False:
                 break
-            if not pending:
-                self.fail(redis.exceptions.ConnectionError("Redis sent a reply nobody asked for"))
+            if not pending:  # e.g. "max number of clients reached" on connecting, then closed
+                unsolicited = _reply_error(reply) if isinstance(reply, Exception) else reply
+                message = f"Redis sent a reply nobody asked for: {unsolicited}"
+                self.fail(redis.exceptions.ConnectionError(message))
                 return
             call = pending[0]
             if call.count > 1:
@@ -133,12 +140,17 @@ class _Wire(asyncio.Protocol):
             return
         now = self.loop.time()
         queued, pending = self.queued, self.pending
-        if pending and now - pending[0].sent_at > HOLD_AFTER_S:
+        behind_s = now - pending[0].sent_at if pending else 0.0
+        if behind_s > HOLD_AFTER_S:
             return  # Redis is stalled or backlogged; the next reply writes more
+        margin_s = max(SEND_MARGIN_S, 2 * behind_s)
         batch = []
         while queued and len(pending) < MAX_IN_FLIGHT:
             call = queued.popleft()
             if call.future.done():
+                continue
+            if call.deadline - now < margin_s:
+                self.unsent.append(call)
                 continue
             call.sent_at = now
             pending.append(call)
@@ -153,14 +165,16 @@ class _Wire(asyncio.Protocol):
         if self.closed:
             return
         now = self.loop.time()
-        queued = self.queued
-        while queued and queued[0].deadline <= now:
-            call = queued.popleft()
-            if not call.future.done():
-                call.future.set_exception(
-                    redis.exceptions.TimeoutError("Timeout waiting to send to Redis (not sent)")
-                )
-        next_at = queued[0].deadline if queued else math.inf
+        next_at = math.inf
+        for waiting in (self.unsent, self.queued):
+            while waiting and waiting[0].deadline <= now:
+                call = waiting.popleft()
+                if not call.future.done():
+                    call.future.set_exception(
+                        redis.exceptions.TimeoutError("Timeout waiting to send to Redis (not sent)")
+                    )
+            if waiting:
+                next_at = min(next_at, waiting[0].deadline)
         for call in self.pending:
             if call.deadline > now:
                 next_at = min(next_at, call.deadline)
@@ -190,7 +204,7 @@ class _Wire(asyncio.Protocol):
             self._watchdog = None
         if self.transport is not None:
             self.transport.abort()
-        for calls in (self.pending, self.queued):
+        for calls in (self.pending, self.queued, self.unsent):
             while calls:
                 future = calls.popleft().future
                 if not future.done():
