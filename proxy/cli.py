@@ -1,7 +1,8 @@
 """The `tollgate` command: serve | demo | keys | credits | usage.
 
-The only place Settings are built (from TOLLGATE_* and flags); a bad setting prints one line
-and exits with status 2, before anything listens.
+The only place Settings are built (from TOLLGATE_* and flags). Every error is one line on
+stderr: status 2 for a bad command line or setting (before anything listens or touches the
+store), 1 for a command that could not be carried out (store unreachable, no such key).
 """
 
 from __future__ import annotations
@@ -14,43 +15,100 @@ import gc
 import io
 import json
 import logging
+import math
 import os
+import resource
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
 from proxy.config import ConfigError, Settings, load_settings
 
-STARTUP_FAILURE = 2
+USAGE_ERROR = 2  # argparse's own status: the command line or a setting is wrong
+STARTUP_FAILURE = USAGE_ERROR
+FAILED = 1  # a well-formed command that could not be carried out
 GC_THRESHOLD = 10_000  # allocations between young collections; Python's default is 700
+# Descriptors `serve` wants per allowed client connection: its socket and the upstream socket
+# its request may hold; plus a margin for Redis, the spool, metrics files and the event loop.
+FDS_PER_CONNECTION = 2
+FDS_SPARE = 256
+
+log = logging.getLogger("tollgate")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `tollgate keys update: argument --rpm: ...`, status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _limit(raw: str) -> int | None:
     """A limit flag: a non-negative integer, or `none` for unlimited."""
     if raw.lower() in ("none", "null", "unlimited"):
         return None
-    value = int(raw)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
+    if not (raw.isascii() and raw.isdigit()):
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer or none, got {raw!r}")
+    return int(raw)
+
+
+def _bounded(low: int, high: int | None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {raw!r}")
+        return value
+
+    return parse
+
+
+_port = _bounded(1, 65535)
+_workers = _bounded(1, None)
+
+
+def _usd(raw: str) -> float:
+    """An amount of USD: a finite number (the store checks the balance's bounds)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number of USD, got {raw!r}")
+    return value
+
+
+def _metadata(raw: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {raw!r}")
     return value
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tollgate", description=__doc__)
+    parser = _Parser(prog="tollgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy (config from TOLLGATE_* variables)")
     serve.add_argument("--host", default=None)
-    serve.add_argument("--port", type=int, default=None)
-    serve.add_argument("--workers", type=int, default=None)
+    serve.add_argument("--port", type=_port, default=None)
+    serve.add_argument("--workers", type=_workers, default=None)
 
     demo = sub.add_parser("demo", help="in-process store + mock upstream + a demo key")
     demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--port", type=_port, default=8080)
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
         dest="action", required=True
@@ -61,13 +119,16 @@ def _parser() -> argparse.ArgumentParser:
     update.add_argument("id")
     update.add_argument("--name")
     for action in (create, update):
-        action.add_argument("--rpm", type=_limit)
-        action.add_argument("--tpm", type=_limit)
-        action.add_argument("--max-concurrency", type=_limit, dest="max_concurrency")
+        # Absent flags stay absent (SUPPRESS): `update` changes only what it is given, and
+        # `--rpm none` (or `--rpm=none`) is a value, unlimited.
+        for flag in ("--rpm", "--tpm", "--max-concurrency"):
+            action.add_argument(
+                flag, type=_limit, default=argparse.SUPPRESS, help="an integer, or none"
+            )
         action.add_argument("--allowed-models", help="comma-separated; empty for all models")
-        action.add_argument("--metadata", help="a JSON object")
+        action.add_argument("--metadata", type=_metadata, help="a JSON object")
         action.add_argument("--json", action="store_true")
-    create.add_argument("--credits", type=float, help="USD")
+    create.add_argument("--credits", type=_usd, help="USD")
     listing = keys.add_parser("list")
     listing.add_argument("--json", action="store_true")
     for name in ("show", "revoke", "rotate"):
@@ -79,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     credits_sub = credits.add_subparsers(dest="action", required=True)
     add = credits_sub.add_parser("add")
     add.add_argument("id")
-    add.add_argument("amount", type=float, help="USD; negative removes")
+    add.add_argument("amount", type=_usd, help="USD; negative removes")
     add.add_argument("--json", action="store_true")
 
     usage = sub.add_parser("usage", help="usage of one key, or every record as JSON Lines")
@@ -110,12 +171,52 @@ def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def _raise_open_files_limit(max_connections: int) -> None:
+    """Lift the soft RLIMIT_NOFILE toward the hard one when TOLLGATE_MAX_CONNECTIONS needs more
+    descriptors than it allows (workers inherit it); warn when even the hard limit is short."""
+    needed = FDS_PER_CONNECTION * max_connections + FDS_SPARE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if wanted > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.debug("could not raise RLIMIT_NOFILE to %d: %s", wanted, exc)
+    if soft < needed:
+        log.warning(
+            "the open-files limit is %d, below the %d that TOLLGATE_MAX_CONNECTIONS=%d needs "
+            "(%d per connection + %d): connections beyond it fail; raise the hard limit "
+            "(ulimit -Hn, LimitNOFILE=) or lower TOLLGATE_MAX_CONNECTIONS",
+            soft, needed, max_connections, FDS_PER_CONNECTION, FDS_SPARE,
+        )  # fmt: skip
+
+
+def _ca_file_problem(path: Path) -> str | None:
+    """Why OpenSSL cannot trust the CAs of TOLLGATE_UPSTREAM_CA_FILE, or None when it can."""
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        return (
+            f"TOLLGATE_UPSTREAM_CA_FILE: {str(path)!r} is not a PEM file of CA certificates: {exc}"
+        )
+    return None
+
+
 def _serve(settings: Settings) -> int:
     import uvicorn
 
     if not settings.upstream_url:
         print("tollgate: TOLLGATE_UPSTREAM_URL is required for serve", file=sys.stderr)
-        return STARTUP_FAILURE
+        return USAGE_ERROR
+    if settings.upstream_ca_file is not None:
+        problem = _ca_file_problem(settings.upstream_ca_file)
+        if problem:
+            print(f"tollgate: {problem}", file=sys.stderr)
+            return USAGE_ERROR
+    _raise_open_files_limit(settings.max_connections)
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tollgate-metrics-")
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -145,6 +246,20 @@ def _serve(settings: Settings) -> int:
     return 0
 
 
+def _demo(settings: Settings, host: str, port: int) -> int:
+    from proxy.demo import listen, run_demo
+
+    try:
+        sock = listen(host, port)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        print(f"tollgate: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
+        return FAILED
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_demo(settings, sock=sock, host=host))
+    return 0
+
+
 def _print(answer: Any, as_json: bool, text: Callable[[Any], str]) -> None:
     print(json.dumps(answer, indent=None if as_json else 2) if as_json else text(answer))
 
@@ -164,24 +279,67 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _shown_url(url: str) -> str:
+    """The store's URL for an error message: without credentials and query options."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def _key_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """`keys create|update` flags as Keyring arguments, checked as the admin API checks them."""
+    from proxy.admin import parse_key_fields
+
+    payload: dict[str, Any] = {}
+    if args.name is not None:
+        payload["name"] = args.name
+    for field in ("rpm", "tpm", "max_concurrency"):
+        if hasattr(args, field):  # given, possibly as none (unlimited)
+            payload[field] = getattr(args, field)
+    if args.allowed_models is not None:
+        payload["allowed_models"] = [m for m in args.allowed_models.split(",") if m] or None
+    if args.metadata is not None:
+        payload["metadata"] = args.metadata
+    creating = args.action == "create"
+    if creating and args.credits is not None:
+        payload["credits"] = args.credits
+    return parse_key_fields(payload, creating=creating)
+
+
 async def _operate(settings: Settings, args: argparse.Namespace) -> int:
-    from proxy import admin, usage
+    from proxy import usage
     from proxy.errors import ProxyError
     from proxy.keys import Keyring
-    from proxy.store import open_store
+    from proxy.store import StoreDown, open_store
 
-    store = open_store(settings)
+    # Everything the command line says is checked before the store is touched.
+    try:
+        action = getattr(args, "action", None)
+        fields = _key_fields(args) if action in ("create", "update") else {}
+        if args.command == "usage":
+            since_default, until_default = usage.default_window()
+            since = usage.parse_time(args.since, default=since_default)
+            until = usage.parse_time(args.until, default=until_default)
+    except ProxyError as exc:
+        print(f"tollgate {args.command} {action}: {exc.message}", file=sys.stderr)
+        return USAGE_ERROR
+    except usage.BadTime as exc:
+        print(f"tollgate usage: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    try:
+        store = open_store(settings)
+    except ValueError as exc:  # a URL redis-py cannot parse
+        print(f"tollgate: TOLLGATE_REDIS_URL: {exc}", file=sys.stderr)
+        return USAGE_ERROR
     keyring = Keyring(store)
     as_json = bool(getattr(args, "json", False))
     try:
         if args.command == "keys":
-            return await _keys(keyring, args, as_json, admin.parse_key_fields)
+            return await _keys(keyring, args, as_json, fields)
         if args.command == "credits":
-            record = await keyring.add_credits(args.id, round(args.amount * 1_000_000))
+            from proxy.credits import usd_to_micros
+
+            record = await keyring.add_credits(args.id, usd_to_micros(args.amount))
             return _answer(record, as_json, args.id)
-        since_default, until_default = usage.default_window()
-        since = usage.parse_time(args.since, default=since_default)
-        until = usage.parse_time(args.until, default=until_default)
         if args.format == "jsonl" or not args.key_id:
             ids = [args.key_id] if args.key_id else [r["id"] for r in await keyring.all()]
             async for line in usage.export(store, ids, since=since, until=until):
@@ -204,12 +362,13 @@ async def _operate(settings: Settings, args: argparse.Namespace) -> int:
         else:
             print(_table(rows, columns))
         return 0
-    except ProxyError as exc:
+    except StoreDown as exc:
+        url = _shown_url(settings.redis_url or "")
+        print(f"tollgate: the store at {url} is unreachable: {exc}", file=sys.stderr)
+        return FAILED
+    except ProxyError as exc:  # refused by the store's own checks, e.g. a balance's bounds
         print(f"tollgate: {exc.message}", file=sys.stderr)
-        return 1
-    except usage.BadTime as exc:
-        print(f"tollgate: {exc}", file=sys.stderr)
-        return 1
+        return FAILED
     finally:
         await store.aclose()
 
@@ -217,13 +376,13 @@ async def _operate(settings: Settings, args: argparse.Namespace) -> int:
 def _answer(record: dict[str, Any] | None, as_json: bool, key_id: str) -> int:
     if record is None:
         print(f"tollgate: no key with id {key_id!r}", file=sys.stderr)
-        return 1
+        return FAILED
     _print(record, as_json, _key_text)
     return 0
 
 
 async def _keys(
-    keyring: Any, args: argparse.Namespace, as_json: bool, parse: Callable[..., dict[str, Any]]
+    keyring: Any, args: argparse.Namespace, as_json: bool, fields: dict[str, Any]
 ) -> int:
     action = args.action
     if action == "list":
@@ -237,30 +396,12 @@ async def _keys(
             "show": keyring.get, "revoke": keyring.revoke, "rotate": keyring.rotate,
         }[action]  # fmt: skip
         return _answer(await method(args.id), as_json, args.id)
-    payload: dict[str, Any] = {}
-    if args.name is not None:
-        payload["name"] = args.name
-    for field in ("rpm", "tpm", "max_concurrency"):
-        if f"--{field.replace('_', '-')}" in sys.argv or getattr(args, field) is not None:
-            payload[field] = getattr(args, field)
-    if args.allowed_models is not None:
-        payload["allowed_models"] = [m for m in args.allowed_models.split(",") if m] or None
-    if args.metadata is not None:
-        payload["metadata"] = json.loads(args.metadata)
     if action == "create":
-        if args.credits is not None:
-            payload["credits"] = args.credits
-        return _answer(await keyring.create(**parse(payload, creating=True)), as_json, "")
-    return _answer(
-        await keyring.update(args.id, **parse(payload, creating=False)), as_json, args.id
-    )
+        return _answer(await keyring.create(**fields), as_json, "")
+    return _answer(await keyring.update(args.id, **fields), as_json, args.id)
 
 
-def main(argv: list[str] | None = None) -> int:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") == "":
-        # prometheus-client would take an empty value for multiprocess mode in the working dir.
-        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    args = _parser().parse_args(argv)
+def _run(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k, None) for k in ("host", "port", "workers")}
     if args.command == "demo":
         overrides = {}
@@ -268,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(os.environ, overrides)
     except ConfigError as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
-        return STARTUP_FAILURE
+        return USAGE_ERROR
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -276,12 +417,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(settings)
     if args.command == "demo":
-        from proxy.demo import run_demo
-
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run_demo(settings, host=args.host, port=args.port))
-        return 0
+        return _demo(settings, args.host, args.port)
     if not settings.redis_url:
         print("tollgate: set TOLLGATE_REDIS_URL to the store the server uses", file=sys.stderr)
-        return STARTUP_FAILURE
+        return USAGE_ERROR
     return asyncio.run(_operate(settings, args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") == "":
+        # prometheus-client would take an empty value for multiprocess mode in the working dir.
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    args = _parser().parse_args(argv)
+    try:
+        status = _run(args)
+        sys.stdout.flush()  # here, so that a closed pipe surfaces inside this `try`
+    except BrokenPipeError:
+        # The reader went away (`tollgate usage --format jsonl | head -1`): stop quietly, as
+        # CPython's documentation on SIGPIPE recommends; stdout goes to /dev/null so that the
+        # interpreter's own flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return FAILED
+    return status

@@ -1,7 +1,7 @@
 """`tollgate demo`: the embedded default. In-process store, built-in mock upstream, a demo key.
 
 Everything runs in one process and one event loop: the mock upstream on a free loopback
-port, Tollgate on the chosen port, so a newcomer needs nothing but this package.
+port, then Tollgate on the chosen port, so a newcomer needs nothing but this package.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ DEMO_LIMITS = {"rpm": 5, "tpm": 20_000, "max_concurrency": 2}
 DEMO_CREDITS_MICROS = 5_000  # $0.005: gpt-4o-mini fits, gpt-4o's worst case does not
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (OSError when it is taken), bound before anything
+    starts, so a busy port is one error rather than a half-started demo."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family)
 
 
 def banner(base_url: str, key: str) -> str:
@@ -64,8 +64,20 @@ Press Ctrl+C to stop.
 """
 
 
-async def run_demo(settings: Settings, *, host: str, port: int) -> None:
-    mock_port = _free_port()
+async def _started(server: uvicorn.Server, task: asyncio.Task[None]) -> bool:
+    """Wait until `server` accepts connections; False when it ended first."""
+    while not server.started:
+        if task.done():
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def run_demo(settings: Settings, *, sock: socket.socket, host: str) -> None:
+    """Serve the demo on `sock` (from `listen`) until Ctrl+C; `host` is what the banner shows."""
+    port: int = sock.getsockname()[1]
+    mock_sock = listen("127.0.0.1", 0)
+    mock_port: int = mock_sock.getsockname()[1]
     settings = replace(settings, upstream_url=f"http://127.0.0.1:{mock_port}/v1")
     store = Store(embedded_client(), embedded=True)
     record = await Keyring(store).create(
@@ -75,31 +87,26 @@ async def run_demo(settings: Settings, *, host: str, port: int) -> None:
         allowed_models=None,
         metadata={"demo": True},
     )
-    mock = uvicorn.Server(
-        uvicorn.Config(
-            create_mock_upstream(), host="127.0.0.1", port=mock_port, log_level="warning"
+    mock = uvicorn.Server(uvicorn.Config(create_mock_upstream(), log_level="warning"))
+    # The proxy fetches the upstream's model list as it starts: the mock must answer by then.
+    mock_task = asyncio.create_task(mock.serve(sockets=[mock_sock]))
+    try:
+        if not await _started(mock, mock_task):
+            return
+        proxy = uvicorn.Server(
+            uvicorn.Config(
+                create_app(settings, store=store),
+                http=http_protocol(settings),
+                log_level=settings.log_level,
+                access_log=False,
+                server_header=False,
+            )
         )
-    )
-    proxy = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, store=store),
-            http=http_protocol(settings),
-            host=host,
-            port=port,
-            log_level=settings.log_level,
-            access_log=False,
-            server_header=False,
-        )
-    )
-    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    mock_task = asyncio.create_task(mock.serve())
-    proxy_task = asyncio.create_task(proxy.serve())
-    while not (mock.started and proxy.started):
-        if proxy_task.done() or mock_task.done():
-            break
-        await asyncio.sleep(0.05)
-    if proxy.started:
-        print(banner(f"http://{shown_host}:{port}", record["key"]), flush=True)
-    await proxy_task
-    mock.should_exit = True
-    await mock_task
+        proxy_task = asyncio.create_task(proxy.serve(sockets=[sock]))
+        if await _started(proxy, proxy_task):
+            shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+            print(banner(f"http://{shown_host}:{port}", record["key"]), flush=True)
+        await proxy_task
+    finally:
+        mock.should_exit = True
+        await mock_task

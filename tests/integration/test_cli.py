@@ -1,5 +1,7 @@
 """The operator CLI (`python -m proxy keys|credits|usage`) against the real Redis the running
 proxy uses: `--json` prints exactly the admin API's answer, and changes take effect at once.
+Every failure is one line on stderr: status 2 for a bad command line or setting, 1 for a
+command that could not be carried out. `serve` also checks its CA file and descriptor limit.
 """
 
 from __future__ import annotations
@@ -8,14 +10,20 @@ import csv
 import io
 import json
 import os
+import resource
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.integration.conftest import MESSAGES, Stack, new_request_id
+from tests.integration.conftest import MESSAGES, Mock, Stack, new_request_id
+from tests.servers import free_port, wait_for
 
 MODEL = "gpt-4o-mini"
 
@@ -231,3 +239,221 @@ def test_without_redis_url_the_cli_exits_2_with_one_line(args: tuple[str, ...]) 
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "TOLLGATE_REDIS_URL" in lines[0]
+
+
+def one_line_error(done: subprocess.CompletedProcess[str], status: int) -> str:
+    """The command failed with `status`, printed nothing on stdout and one line on stderr."""
+    assert (done.returncode, done.stdout) == (status, ""), done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag", [("--rpm", "none"), ("--rpm=none",), ("--rpm", "unlimited")])
+def test_keys_update_rpm_none_makes_requests_unlimited(
+    stack: Stack, created: dict[str, Any], flag: tuple[str, ...]
+) -> None:
+    updated = cli_json(stack, "keys", "update", created["id"], *flag)
+
+    assert updated["rpm"] is None
+    assert updated["tpm"] == 40000
+    assert updated == stack.admin.key(created["id"])
+    response = chat(stack, created["key"])
+    assert response.status_code == 200
+    assert "x-ratelimit-limit-requests" not in response.headers
+    assert response.headers["x-ratelimit-limit-tokens"] == "40000"
+
+
+def test_main_with_argv_rpm_none_makes_requests_unlimited(
+    stack: Stack, created: dict[str, Any]
+) -> None:
+    """`main(argv)` reads only `argv` (here sys.argv is `["-c"]`, as when embedded)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    env["TOLLGATE_REDIS_URL"] = stack.redis.url
+    argv = ["keys", "update", created["id"], "--rpm=none", "--json"]
+    done = subprocess.run(
+        [sys.executable, "-c", f"from proxy.cli import main; raise SystemExit(main({argv!r}))"],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["rpm"] is None
+    assert stack.admin.key(created["id"])["rpm"] is None
+    assert "x-ratelimit-limit-requests" not in chat(stack, created["key"]).headers
+
+
+def test_keys_update_without_a_limit_flag_keeps_the_limits(
+    stack: Stack, created: dict[str, Any]
+) -> None:
+    updated = cli_json(stack, "keys", "update", created["id"], "--name", "renamed")
+
+    assert (updated["name"], updated["rpm"], updated["tpm"]) == ("renamed", 60, 40000)
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (("keys", "create", "--name", "x", "--metadata", "not json"), "--metadata"),
+        (("keys", "create", "--name", "x", "--metadata", "[1, 2]"), "--metadata"),
+        (("keys", "update", "0123456789abcdef", "--metadata={"), "--metadata"),
+        (("keys", "update", "0123456789abcdef", "--rpm", "-1"), "--rpm"),
+        (("keys", "create", "--name", "x", "--credits", "nan"), "--credits"),
+        (("credits", "add", "0123456789abcdef", "nan"), "amount"),
+        (("credits", "add", "0123456789abcdef", "inf"), "amount"),
+        (("credits", "add", "0123456789abcdef", "1e400"), "amount"),
+        (("keys", "create", "--name", "x", "--rpm", str(10**20)), "rpm"),
+        (("usage", "--key", "0123456789abcdef", "--since", "last tuesday"), "last tuesday"),
+        (("keys", "frobnicate"), "frobnicate"),
+    ],
+)
+def test_a_bad_argument_is_one_line_and_status_2(
+    stack: Stack, args: tuple[str, ...], names: str
+) -> None:
+    line = one_line_error(tollgate(*args, redis_url=stack.redis.url), 2)
+
+    assert line.startswith("tollgate")
+    assert names in line
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (("serve", "--workers", "0"), "--workers"),
+        (("serve", "--port", "99999"), "--port"),
+        (("serve", "--port", "0"), "--port"),
+        (("demo", "--port", "70000"), "--port"),
+    ],
+)
+def test_a_bad_server_flag_is_one_line_and_status_2(args: tuple[str, ...], names: str) -> None:
+    done = tollgate(*args, redis_url=None)
+
+    assert names in one_line_error(done, 2)
+
+
+def test_an_unreachable_store_is_one_line_without_the_password() -> None:
+    port = free_port()  # nothing listens there
+    url = f"redis://:s3cret-pw@127.0.0.1:{port}/0"
+
+    line = one_line_error(tollgate("keys", "list", redis_url=url), 1)
+
+    assert line.startswith(f"tollgate: the store at redis://127.0.0.1:{port}/0 is unreachable: ")
+    assert "s3cret-pw" not in line
+
+
+def test_unknown_key_for_credits_is_one_line_and_status_1(stack: Stack) -> None:
+    done = tollgate("credits", "add", "0123456789abcdef", "1", redis_url=stack.redis.url)
+
+    assert "0123456789abcdef" in one_line_error(done, 1)
+
+
+def test_a_reader_that_goes_away_stops_the_cli_quietly(
+    stack: Stack, used_key: tuple[dict[str, Any], list[str]]
+) -> None:
+    """`tollgate usage --format jsonl | head -0`: the pipe is closed before anything is written."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    env["TOLLGATE_REDIS_URL"] = stack.redis.url
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "usage", "--format", "jsonl"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    try:
+        stderr = process.stderr.read()
+        status = process.wait(timeout=30)
+    finally:
+        process.kill()
+        process.stderr.close()
+
+    assert stderr == b""
+    assert status == 1
+
+
+def test_usage_jsonl_piped_into_head_prints_one_record_and_no_error(
+    stack: Stack, used_key: tuple[dict[str, Any], list[str]]
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    env["TOLLGATE_REDIS_URL"] = stack.redis.url
+    done = subprocess.run(
+        ["sh", "-c", f"{sys.executable} -m proxy usage --format jsonl | head -1"],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+    assert done.stderr == ""
+    assert len(done.stdout.splitlines()) == 1
+    assert json.loads(done.stdout)["key_id"]
+
+
+def _open_files_limit(pid: int) -> int:
+    """The soft RLIMIT_NOFILE of a running process, from /proc."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no Max open files line")
+
+
+@contextmanager
+def serving_with_nofile(
+    mock: Mock, *, soft: int, hard: int, max_connections: int
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """`tollgate serve` started with RLIMIT_NOFILE (soft, hard); yields it and its log once
+    /healthz answers."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    env.update(TOLLGATE_UPSTREAM_URL=mock.url, TOLLGATE_MAX_CONNECTIONS=str(max_connections),
+               TOLLGATE_LOG_LEVEL="warning")  # fmt: skip
+    log = Path(tempfile.mkstemp(prefix="tollgate-nofile-", suffix=".txt")[1])
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit,
+        )  # fmt: skip
+    try:
+        wait_for(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200,
+            timeout_s=30, what="tollgate serve",
+        )  # fmt: skip
+        yield process, log
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        log.unlink(missing_ok=True)
+
+
+def test_serve_raises_the_open_files_limit_the_connection_cap_needs(mock: Mock) -> None:
+    with serving_with_nofile(mock, soft=512, hard=8192, max_connections=1000) as (process, log):
+        assert _open_files_limit(process.pid) == 2 * 1000 + 256
+        assert "open-files limit" not in log.read_text()
+
+
+def test_serve_warns_once_when_the_hard_limit_is_too_low(mock: Mock) -> None:
+    with serving_with_nofile(mock, soft=512, hard=1024, max_connections=2048) as (process, log):
+        assert _open_files_limit(process.pid) == 1024
+        warnings = [line for line in log.read_text().splitlines() if "open-files limit" in line]
+        assert len(warnings) == 1
+        assert "WARNING" in warnings[0] and "1024" in warnings[0] and "4352" in warnings[0]
+
+
+def test_serve_with_a_ca_file_that_is_not_pem_is_one_line_and_status_2(
+    mock: Mock, tmp_path: Path
+) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    env.update(TOLLGATE_UPSTREAM_URL=mock.url, TOLLGATE_UPSTREAM_CA_FILE=str(ca_file))
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", str(free_port())],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+    line = one_line_error(done, 2)
+    assert "TOLLGATE_UPSTREAM_CA_FILE" in line and str(ca_file) in line

@@ -3,14 +3,18 @@ OpenAI SDK, and a 429 and a 402 show up within a minute."""
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 
-from tests.servers import ProxyServer, proxy_server, wait_for
+from tests.servers import ProxyServer, free_port, proxy_server, wait_for
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -52,3 +56,30 @@ def test_demo_shows_a_402_then_a_429(demo: tuple[ProxyServer, str]) -> None:
     statuses = [httpx.post(url, json=BODY, headers=headers).status_code for _ in range(6)]
     assert 429 in statuses
     assert statuses[0] == 200
+
+
+def test_demo_output_has_no_warnings_or_tracebacks(demo: tuple[ProxyServer, str]) -> None:
+    """The mock upstream listens before the proxy starts, so fetching its model list works."""
+    server, key = demo
+    assert httpx.get(server.url + "/v1/models", headers={"authorization": f"Bearer {key}"})
+
+    noisy = [
+        line for line in server.output().splitlines()
+        if re.search(r"WARNING|ERROR|CRITICAL|Traceback|Exception", line)
+    ]  # fmt: skip
+    assert noisy == []
+
+
+def test_demo_on_a_busy_port_is_one_line_and_status_1() -> None:
+    with socket.create_server(("127.0.0.1", free_port())) as taken:
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy", "demo", "--port", str(port)],
+            env=env, capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+
+    assert (done.returncode, done.stdout) == (1, ""), done.stderr
+    assert done.stderr.splitlines() == [
+        f"tollgate: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
