@@ -5,6 +5,7 @@ Nothing else reads the environment; every component receives the Settings it nee
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ ENV_VARIABLES: dict[str, str] = {
     "TOLLGATE_HEADER_TIMEOUT": "seconds a client gets to send a whole request head",
     "TOLLGATE_MAX_CONNECTIONS": "open client connections per process; more are closed at once",
     "TOLLGATE_UPSTREAM_CA_FILE": "PEM file of extra CAs trusted for https upstreams",
+    "TOLLGATE_FORWARD_HEADERS": "comma-separated extra client headers sent upstream",
     "TOLLGATE_HOST": "listen address for serve (flag --host)",
     "TOLLGATE_PORT": "listen port for serve (flag --port)",
     "TOLLGATE_WORKERS": "worker processes for serve (flag --workers)",
@@ -75,6 +77,7 @@ class Settings:
     header_timeout_s: float = 10.0
     max_connections: int = 2048
     upstream_ca_file: Path | None = None
+    forward_headers: tuple[str, ...] = ()
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -115,6 +118,29 @@ def _passthrough_paths(raw: str) -> tuple[str, ...]:
                 f"in /*, without dot segments or %, ?, #: {pattern!r}"
             )
     return patterns
+
+
+# Never forwarded, whatever the operator lists: the client's credential, hop-by-hop fields and
+# what Tollgate itself sets.
+_NEVER_FORWARDED = frozenset(
+    {
+        "authorization", "api-key", "x-api-key", "cookie", "proxy-authorization", "host",
+        "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+        "upgrade", "content-length", "accept-encoding", "expect", "x-request-id",
+        "x-client-request-id",
+    }
+)  # fmt: skip
+_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]{1,100}$")
+
+
+def _forward_headers(raw: str) -> tuple[str, ...]:
+    names = tuple(n.strip().lower() for n in raw.split(",") if n.strip())
+    for name in names:
+        if not _HEADER_NAME.match(name) or name in _NEVER_FORWARDED:
+            raise ConfigError(
+                f"TOLLGATE_FORWARD_HEADERS: {name!r} is not a header Tollgate can forward"
+            )
+    return names
 
 
 def load_settings(
@@ -179,6 +205,8 @@ def load_settings(
         values["spool_dir"] = Path(env["TOLLGATE_SPOOL_DIR"])
     if "TOLLGATE_PASSTHROUGH_PATHS" in env:
         values["passthrough_paths"] = _passthrough_paths(env["TOLLGATE_PASSTHROUGH_PATHS"])
+    if "TOLLGATE_FORWARD_HEADERS" in env:
+        values["forward_headers"] = _forward_headers(env["TOLLGATE_FORWARD_HEADERS"])
     if "TOLLGATE_UPSTREAM_CA_FILE" in env:
         ca_file = Path(env["TOLLGATE_UPSTREAM_CA_FILE"])
         if not ca_file.is_file():

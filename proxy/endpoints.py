@@ -309,6 +309,7 @@ async def _send(
         api_key=gateway.settings.upstream_api_key,
         request_id=exchange.admitted.request_id,
         client_request_id=exchange.admitted.client_request_id,
+        forwarded=gateway.upstream.forwarded_headers,
     )
     try:
         async with asyncio.timeout_at(exchange.admitted.deadline):

@@ -37,9 +37,10 @@ def request_headers(
     api_key: str | None,
     request_id: str,
     client_request_id: str | None = None,
+    forwarded: frozenset[bytes] = FORWARDED_REQUEST_HEADERS,
 ) -> list[tuple[bytes, bytes]]:
     """What goes upstream: the allowed client headers, Tollgate's ids and the operator's key."""
-    out = [(k, v) for k, v in client_headers if k in FORWARDED_REQUEST_HEADERS]  # ASGI: lowercase
+    out = [(k, v) for k, v in client_headers if k in forwarded]  # ASGI names are lowercase
     out.append((b"accept-encoding", b"identity"))  # bytes are relayed as they come
     out.append((b"x-request-id", request_id.encode()))
     if client_request_id is not None:
@@ -73,6 +74,10 @@ class Upstream:
     ) -> None:
         self.base_url = settings.upstream_url
         self.api_key = settings.upstream_api_key
+        # The client headers that go upstream: ours, plus the operator's TOLLGATE_FORWARD_HEADERS.
+        self.forwarded_headers = FORWARDED_REQUEST_HEADERS.union(
+            name.encode() for name in settings.forward_headers
+        )
         self.transport = transport or Http1Transport(
             max_connections=1024,
             max_keepalive_connections=256,

@@ -54,6 +54,12 @@ def test_every_variable_is_read() -> None:
             "TOLLGATE_INJECT_STREAM_USAGE": "false",
             "TOLLGATE_DEFAULT_MAX_TOKENS": "256",
             "TOLLGATE_WORKERS": "4",
+            "TOLLGATE_PASSTHROUGH_PATHS": "/v1/moderations, /v1/audio/*",
+            "TOLLGATE_MAX_HEADER_BYTES": "32768",
+            "TOLLGATE_MAX_HEADERS": "50",
+            "TOLLGATE_HEADER_TIMEOUT": "2.5",
+            "TOLLGATE_MAX_CONNECTIONS": "100",
+            "TOLLGATE_FORWARD_HEADERS": "X-Gateway-Route, helicone-auth",
             "UNRELATED": "ignored",
         }
     )
@@ -70,6 +76,12 @@ def test_every_variable_is_read() -> None:
     assert settings.inject_stream_usage is False
     assert settings.default_max_tokens == 256
     assert settings.workers == 4
+    assert settings.passthrough_paths == ("/v1/moderations", "/v1/audio/*")
+    assert settings.max_header_bytes == 32768
+    assert settings.max_headers == 50
+    assert settings.header_timeout_s == 2.5
+    assert settings.max_connections == 100
+    assert settings.forward_headers == ("x-gateway-route", "helicone-auth")
 
 
 def test_fail_mode_closed_and_empty_values_keep_defaults() -> None:
@@ -234,3 +246,23 @@ def test_serve_without_an_upstream_exits_2_with_one_line() -> None:
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert "TOLLGATE_UPSTREAM_URL" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "patterns",
+    ["/v2/files", "/v1/", "/v1/a/../b", "/v1/*x", "/v1/a%2fb", "/v1//a", "/v1/a?b", "files"],
+)
+def test_passthrough_patterns_outside_v1_or_with_odd_segments_are_refused(patterns: str) -> None:
+    with pytest.raises(ConfigError, match="TOLLGATE_PASSTHROUGH_PATHS"):
+        load_settings({"TOLLGATE_PASSTHROUGH_PATHS": patterns})
+
+
+@pytest.mark.parametrize("name", ["authorization", "x-api-key", "cookie", "x-request-id", "a b"])
+def test_forward_headers_never_include_credentials_or_hop_fields(name: str) -> None:
+    with pytest.raises(ConfigError, match="TOLLGATE_FORWARD_HEADERS"):
+        load_settings({"TOLLGATE_FORWARD_HEADERS": f"x-fine, {name}"})
+
+
+def test_upstream_ca_file_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="TOLLGATE_UPSTREAM_CA_FILE"):
+        load_settings({"TOLLGATE_UPSTREAM_CA_FILE": str(tmp_path / "missing.pem")})

@@ -454,6 +454,18 @@ def test_only_allowlisted_client_headers_go_upstream(harness: Harness, key: str)
     assert upstream["accept-encoding"] == "identity"
 
 
+def test_operator_listed_headers_are_forwarded_too(
+    harness_factory: HarnessFactory, settings: Settings
+) -> None:
+    with harness_factory(settings, forward_headers=("x-gateway-route",)) as harness:
+        key = harness.create_key()["key"]
+        headers = {"x-gateway-route": "eu", "x-other": "no"}
+        assert harness.chat(key, HELLO, headers=headers).status_code == 200
+        upstream = harness.mock.requests[-1]["headers"]
+        assert upstream["x-gateway-route"] == "eu"
+        assert "x-other" not in upstream
+
+
 def test_upstream_ratelimit_headers_are_replaced_by_tollgates(settings: Settings) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         headers = {

@@ -92,6 +92,7 @@ def _tollgate(
         "TOLLGATE_LOG_LEVEL": "warning",
         "TOLLGATE_SPOOL_DIR": str(directory / "spool"),
         "TOLLGATE_SHUTDOWN_TIMEOUT": "5",
+        "TOLLGATE_FORWARD_HEADERS": "x-bench-stream,x-bench-slow",  # the mock upstream's switches
     }
     args = ["serve", "--host", "127.0.0.1", "--port", "{port}", "--workers", str(workers)]
     server = ProxyServer(env=env, args=args)

@@ -220,6 +220,7 @@ def _tollgate(stack: ExitStack, tmp: Path, upstream: Nginx, redis_url: str) -> P
         "TOLLGATE_LOG_LEVEL": "warning",
         "TOLLGATE_SPOOL_DIR": str(tmp / "spool"),
         "TOLLGATE_SHUTDOWN_TIMEOUT": "5",
+        "TOLLGATE_FORWARD_HEADERS": "x-bench-stream,x-bench-slow",  # the mock upstream's switches
     }
     args = ["serve", "--host", "127.0.0.1", "--port", "{port}", "--workers", "1"]
     return stack.enter_context(proxy_server(env=env, args=args))
