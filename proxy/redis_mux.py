@@ -33,16 +33,18 @@ import redis.exceptions
 from redis._parsers.base import BaseParser
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
+from redis.exceptions import RedisError
 
 log = logging.getLogger("tollgate.store")
 
 MAX_IN_FLIGHT = 256  # calls written to one connection ahead of their replies
 HOLD_AFTER_S = 0.1  # the oldest call unanswered this long: write no more until Redis answers
-SEND_MARGIN_S = 0.05  # a call with less time left than this, or than twice the age of the
-# oldest unanswered call (how far behind Redis is), is not written: it would likely run after
-# its caller had given up
+SEND_MARGIN_S = 0.05  # a call with less time left than this plus twice the age of the oldest
+# unanswered call (how far behind Redis is) plus Redis' time for the calls ahead of it is not
+# written: it would likely run after its caller had given up
 SILENCE_TIMEOUTS = 3  # a connection silent for this many call timeouts is dead
 _WATCHDOG_SLACK_S = 0.01  # deadlines this close together are enforced in one wake-up
+_SERVICE_CAP_S = 0.002  # a stall is not a slow call: samples of Redis' time per call stop here
 
 Command = tuple[Any, ...]
 
@@ -75,6 +77,7 @@ class _Wire(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.heard_at = 0.0  # loop time Redis last sent anything
+        self.service_s = 0.0  # Redis' time per call lately (a moving average)
         self._flush_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
 
@@ -82,9 +85,14 @@ class _Wire(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
-        self.heard_at = self.loop.time()
+        now = self.loop.time()
+        # Redis' time per call, from replies that came while it had work queued: how long a
+        # call written now behind the others would wait.
+        busy_since = max(self.heard_at, self.pending[0].sent_at) if self.pending else now
+        self.heard_at = now
         self.reader.feed(data)
         pending = self.pending
+        answered = len(pending)
         while True:
             try:
                 reply = self.reader.gets()
@@ -96,7 +104,7 @@ class _Wire(asyncio.Protocol):
             if reply is False:
                 break
             if not pending:  # e.g. "max number of clients reached" on connecting, then closed
-                unsolicited = _reply_error(reply) if isinstance(reply, Exception) else reply
+                unsolicited = _reply_error(reply) if isinstance(reply, RedisError) else reply
                 message = f"Redis sent a reply nobody asked for: {unsolicited}"
                 self.fail(redis.exceptions.ConnectionError(message))
                 return
@@ -109,6 +117,10 @@ class _Wire(asyncio.Protocol):
             pending.popleft()
             if not call.future.done():  # timed out or cancelled: its reply is skipped
                 call.future.set_result(reply)
+        answered -= len(pending)
+        if answered > 0:
+            sample = min((now - busy_since) / answered, _SERVICE_CAP_S)
+            self.service_s += (sample - self.service_s) * 0.2
         if self.queued:
             self._flush()
 
@@ -149,7 +161,7 @@ class _Wire(asyncio.Protocol):
             call = queued.popleft()
             if call.future.done():
                 continue
-            if call.deadline - now < margin_s:
+            if call.deadline - now < margin_s + len(pending) * self.service_s:
                 self.unsent.append(call)
                 continue
             call.sent_at = now

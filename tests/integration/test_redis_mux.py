@@ -226,7 +226,10 @@ async def test_max_clients_reached_is_a_connection_error_then_connects_again() -
             for hog in hogs:
                 hog.sendall(b"PING\r\n")
                 assert hog.recv(16) == b"+PONG\r\n"
-            with pytest.raises(redis.exceptions.ConnectionError, match="max number of clients"):
+            # Redis sends the error and closes: which the client sees first depends on timing.
+            with pytest.raises(
+                redis.exceptions.ConnectionError, match=r"max number of clients|Connection .* lost"
+            ):
                 await connection.execute("PING")
         finally:
             for hog in hogs:
