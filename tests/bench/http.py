@@ -15,7 +15,10 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
+import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -43,10 +46,13 @@ from tests.servers import REPO, ProxyServer, RedisServer, redis_server, wait_for
 TRAFFIC = ("json", "stream")
 CONNECTIONS = (1, 32)
 WARMUP_S = 2
+TRIP_REQUESTS = 200  # requests per traffic type whose Redis commands MONITOR counts
+# Commands outside any request that may fall into the counted window: one sweeper pass (SET NX
+# of its lock, then TIME, SMEMBERS, a pipeline, HMGET, HGET) or an idle connection's PING.
+BACKGROUND_TRIPS = 8
 DEFAULT_JSON = REPO / "tests" / "bench" / "results" / "http.json"
 DEFAULT_PROFILE = REPO / "tests" / "bench" / "results" / "http-profile.txt"
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
-_SCRIPT_CALLS = frozenset({"evalsha", "eval"})
 _LUA_CALL = re.compile(r"redis\.p?call\(\s*['\"](\w+)['\"]")
 _MESSAGES = [
     {"role": "system", "content": "You are a concise assistant. Answer in plain prose only, "
@@ -210,24 +216,86 @@ def _quiet(client: redis.Redis, metrics_url: str) -> tuple[dict[str, int], int]:
 
 
 def _redis_figures(
-    before: dict[str, int], after: dict[str, int], served: int, cpu_s: float, requests: int
+    before: dict[str, int],
+    after: dict[str, int],
+    served: int,
+    cpu_s: float,
+    requests: int,
+    round_trips: float | None,
 ) -> dict[str, Any]:
     calls = {k: v - before.get(k, 0) for k, v in after.items()}
     calls = {k: v for k, v in calls.items() if v and k != "info"}
-    # commandstats also counts what scripts run; a round trip is a script call or a command
-    # no script issues.
     scripts = calls.get("evalsha", 0) + calls.get("eval", 0)
-    in_scripts = script_commands() | _SCRIPT_CALLS
-    trips = scripts + sum(v for k, v in calls.items() if k not in in_scripts)
     return {
         "served": served,
-        "round_trips_per_request": round(trips / served, 3) if served else None,
-        # Exactly 2 (admit, settle); the other trips are connection health checks (PING after
-        # 30 s idle) and the sweeper, not per request.
+        # From MONITOR before the timed runs (round_trips()): commandstats cannot tell a command
+        # a client sent from one a script ran, and MONITOR would slow Redis down in a timed run.
+        "round_trips_per_request": round_trips,
+        # Exactly 2 (admit, settle); commandstats also counts what the scripts run (`commands`).
         "script_calls_per_request": round(scripts / served, 3) if served else None,
         "cpu_us_per_request": round(cpu_s * 1e6 / requests, 1),
         "commands": calls,
     }
+
+
+def round_trips(target: Target, traffic: str, redis_url: str) -> dict[str, Any]:
+    """What Tollgate sends Redis for TRIP_REQUESTS requests, from MONITOR.
+
+    MONITOR shows every command a client sends with its address (`[0 127.0.0.1:52144]`) and
+    every command a script runs as `[0 lua]`: each client command is one round trip, however
+    many commands its script runs. The window ends at a marker this process sends once every
+    request has been answered and settled.
+    """
+    assert target.metrics_url is not None
+    marker = f"tollgate-bench-end-{uuid.uuid4().hex}"
+    sent: Counter[str] = Counter()
+    inside: Counter[str] = Counter()
+    ended = threading.Event()
+    watcher = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=30)
+    own = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=10)
+    served_before = _served(target.metrics_url)
+    try:
+        with watcher.monitor() as monitor:
+
+            def read() -> None:
+                for entry in monitor.listen():
+                    if marker in entry["command"]:
+                        ended.set()
+                        return
+                    name = entry["command"].split(" ", 1)[0].strip('"').lower()
+                    (inside if entry["client_type"] == "lua" else sent)[name] += 1
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            for _ in range(TRIP_REQUESTS):
+                status, _ = _post(target, traffic)
+                if status != 200:
+                    raise BenchError(f"{target.name} answered {traffic} with {status}")
+            settled = TRIP_REQUESTS + served_before
+            if not _until_served(target.metrics_url, settled):
+                raise BenchError(f"{target.name}: {TRIP_REQUESTS} requests never all settled")
+            own.echo(marker)
+            reader.join(timeout=30)
+            if not ended.is_set():
+                raise BenchError("MONITOR never showed the end marker")
+    finally:
+        own.close()
+        watcher.close()
+    trips = sum(sent.values())
+    return {
+        "requests": TRIP_REQUESTS, "round_trips": trips,
+        "round_trips_per_request": round(trips / TRIP_REQUESTS, 3),
+        "sent": dict(sent), "run_by_scripts": dict(inside),
+    }  # fmt: skip
+
+
+def _until_served(metrics_url: str, count: int) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _served(metrics_url) >= count:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def measure(
@@ -238,6 +306,7 @@ def measure(
     duration_s: int,
     bodies: dict[str, Path],
     redis_client: redis.Redis,
+    trips: dict[str, dict[str, Any]],
 ) -> tuple[Load, dict[str, Any]]:
     """One wrk run against one target, with the CPU, memory and Redis work it caused."""
     pids = procfs.tree(target.roots[traffic])
@@ -274,8 +343,10 @@ def measure(
         redis_cpu_s = _redis_cpu_s(redis_client) - redis_cpu_before
         counts_after, served_after = _quiet(redis_client, target.metrics_url)
         figures["redis"] = _redis_figures(
-            counts_before, counts_after, served_after - served_before, redis_cpu_s, load.requests
-        )
+            counts_before, counts_after, served_after - served_before, redis_cpu_s, load.requests,
+            trips[target.name][traffic]["round_trips_per_request"] if target.name in trips
+            else None,
+        )  # fmt: skip
     return load, figures
 
 
@@ -341,6 +412,10 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             stream_header=STREAM_HEADER, exact=True,
         ))  # fmt: skip
         checks = {t.name: check(t) for t in targets}
+        trips = {
+            t.name: {traffic: round_trips(t, traffic, rs.url) for traffic in TRAFFIC}
+            for t in targets if t.metrics_url
+        }  # fmt: skip
         bodies = {}
         for traffic in TRAFFIC:
             bodies[traffic] = tmp / f"body-{traffic}.json"
@@ -360,7 +435,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                     for target in targets:  # alternating, so drift hits every target alike
                         load, figures = measure(
                             target, traffic, connections, duration_s=options.duration,
-                            bodies=bodies, redis_client=redis_client,
+                            bodies=bodies, redis_client=redis_client, trips=trips,
                         )  # fmt: skip
                         runs.append(report.run_record(
                             round_, target.name, traffic, connections, load, figures
@@ -384,6 +459,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                      "targets": [t.name for t in targets]},
         "environment": report.environment(nginx_binary(), wrk_binary()),
         "checks": checks,
+        "round_trips": trips,
         "rows": report.rows(runs),
         "runs": runs,
         "profile": profile,
