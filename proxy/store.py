@@ -48,6 +48,7 @@ KEY_INDEX = "tollgate:keys"
 REDIS_POOL_SIZE = 64  # connections per process to a single Redis
 REDIS_POOL_WAIT_S = 30.0
 REDIS_TIMEOUT_S = 2.0  # a Redis that has not answered in this long counts as down
+NOSCRIPT_RETRIES = 2  # script loads before a NOSCRIPT is an error
 
 
 class StoreDown(Exception):
@@ -97,11 +98,18 @@ def release_keys(key_id: str) -> list[str]:
 
 
 @contextmanager
-def store_errors() -> Iterator[None]:
+def store_errors(*, cluster: bool = False) -> Iterator[None]:
     """Translate the store's failures into StoreDown, once, at this boundary."""
     try:
         yield
     except STORE_ERRORS as exc:
+        raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
+    except AttributeError as exc:
+        # redis-py 6.4's cluster client, when its node map is torn down by a failure while
+        # other commands are under way, calls methods on a node that is None; the cluster
+        # is unreachable for it, which is a store failure, not a bug of the caller.
+        if not (cluster and str(exc).startswith("'NoneType' object has no attribute")):
+            raise
         raise StoreDown(f"{type(exc).__name__}: {exc}") from exc
     except redis.exceptions.ResponseError as exc:
         if str(exc).split(" ", 1)[0] not in _UNAVAILABLE_CODES:
@@ -140,23 +148,33 @@ class Store:
         SCRIPT LOAD goes to every master, so a node that owns the slot after a migration or a
         failover has it too.
         """
-        with store_errors():
+        with store_errors(cluster=self.cluster):
             if self.mux is not None:
                 return await self.mux.evalsha(script.sha, str(script.script), keys, args)
-            try:
-                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
-            except redis.exceptions.NoScriptError:
-                await self.client.script_load(script.script)
-                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+            for _ in range(NOSCRIPT_RETRIES):
+                try:
+                    return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+                except redis.exceptions.NoScriptError:  # flushed again since the last load
+                    await self._load(script, keys[0])
+            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def _load(self, script: AsyncScript, key: str) -> None:
+        """SCRIPT LOAD; on a cluster, on every master redis-py knows and on the one that owns
+        the key's slot now (after a MOVED redis-py knows it before it knows the master)."""
+        await self.client.script_load(script.script)
+        if self.cluster:
+            nodes = self.client.nodes_manager
+            owner = nodes.get_node_from_slot(self.client.keyslot(key))
+            await self.client.execute_command("SCRIPT LOAD", script.script, target_nodes=owner)
 
     async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis operation, translating the store's failures into StoreDown."""
-        with store_errors():
+        with store_errors(cluster=self.cluster):
             return await operation()
 
     async def ping(self) -> bool:
         try:
-            with store_errors():
+            with store_errors(cluster=self.cluster):
                 return bool(await self.client.ping())
         except StoreDown:
             return False
