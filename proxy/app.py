@@ -18,6 +18,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy import admin, endpoints
+from proxy.admission import Admission
 from proxy.config import Settings
 from proxy.errors import (
     InternalError,
@@ -29,10 +30,12 @@ from proxy.errors import (
 )
 from proxy.gateway import Gateway
 from proxy.keys import Keyring
+from proxy.ledger import Ledger
 from proxy.limits import LEASE_MARGIN_MS, Limiter
 from proxy.metrics import Metrics
 from proxy.models import ModelCatalog
 from proxy.paths import PassthroughPaths, refused_path
+from proxy.routing import SingleUpstream
 from proxy.spool import Spool
 from proxy.store import Store, StoreDown, open_store
 from proxy.sweeper import Sweeper
@@ -171,31 +174,32 @@ def build_gateway(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> Gateway:
     store = store or open_store(settings)
-    known_models = set(settings.prices.models)
     lease_ms = int(settings.upstream_timeout_s * 1000) + LEASE_MARGIN_MS
     limiter = Limiter(store, lease_ms=lease_ms, retention_days=settings.usage_retention_days)
-    upstream = Upstream(settings, transport=transport)
     metrics = Metrics(
         key_label=settings.metrics_key_label,
-        known_models=known_models,
+        known_models=set(settings.prices.models),
         multiprocess_dir=settings.metrics_multiprocess,
     )
+    ledger = Ledger(limiter, Spool(settings.spool_dir), metrics)
+    upstream = Upstream(settings, metrics, transport=transport)
     return Gateway(
         settings=settings,
         store=store,
-        upstream=upstream,
         metrics=metrics,
-        limiter=limiter,
         keyring=Keyring(store),
-        spool=Spool(settings.spool_dir),
-        sweeper=Sweeper(store, limiter, settings.prices, every_ms=min(30_000, lease_ms // 2)),
-        passthrough_paths=PassthroughPaths(settings.passthrough_paths),
+        admission=Admission(limiter, ledger, metrics, fail_open=settings.fail_open),
+        ledger=ledger,
+        upstream=upstream,
+        selection=SingleUpstream(upstream),
         models=ModelCatalog(
             upstream,
             metrics,
             refresh_s=settings.models_cache_s,
             timeout_s=settings.upstream_timeout_s,
         ),
+        passthrough_paths=PassthroughPaths(settings.passthrough_paths),
+        sweeper=Sweeper(store, limiter, settings.prices, every_ms=min(30_000, lease_ms // 2)),
     )
 
 
@@ -214,8 +218,8 @@ def create_app(
         app.state.gateway = gateway
         await gateway.models.start()
         loops = [
-            asyncio.create_task(gateway.replay_forever()),
-            asyncio.create_task(gateway.sweep_forever()),
+            asyncio.create_task(gateway.ledger.replay_forever()),
+            asyncio.create_task(gateway.sweeper.sweep_forever(gateway.metrics)),
             asyncio.create_task(gateway.models.refresh_forever()),
         ]
         try:

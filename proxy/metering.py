@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 # About four characters of English text per token; plus per-message framing tokens.
@@ -102,14 +101,13 @@ class StreamMeter:
     only an event with a `usage` object is parsed.
     """
 
-    __slots__ = ("_pending", "events", "first_error", "text_chars", "usage")
+    __slots__ = ("_pending", "events", "text_chars", "usage")
 
     def __init__(self) -> None:
         self._pending = b""
         self.text_chars = 0
         self.usage: Usage | None = None
         self.events = 0
-        self.first_error: bytes | None = None
 
     def feed(self, chunk: bytes) -> None:
         data = self._pending + chunk if self._pending else chunk
@@ -140,52 +138,3 @@ class StreamMeter:
 
     def completion_estimate(self) -> int:
         return _text_tokens(self.text_chars)
-
-
-def settlement(
-    *,
-    request_id: str,
-    client_request_id: str | None,
-    ts: float,
-    key_id: str,
-    key_name: str,
-    model: str,
-    path: str,
-    stream: bool,
-    status: int,
-    usage: Usage,
-    cost_micros: int,
-    latency_s: float | None,
-    ttft_s: float | None,
-) -> dict[str, Any]:
-    """The arguments of Limiter.settle for one finished request, its usage record included."""
-    record: dict[str, Any] = {
-        "request_id": request_id,
-        "client_request_id": client_request_id,
-        "ts": datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds"),
-        "key_id": key_id,
-        "key_name": key_name,
-        "model": model,
-        "path": path,
-        "stream": stream,
-        "status": status,
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "cost_usd": cost_micros / 1_000_000,
-        "usage_source": usage.source,
-        "latency_ms": round(latency_s * 1000, 1) if latency_s is not None else None,
-        "ttft_ms": round(ttft_s * 1000, 1) if ttft_s is not None else None,
-    }
-    if usage.details:
-        record["usage_details"] = usage.details
-    return {
-        "key_id": key_id,
-        "request_id": request_id,
-        "day": record["ts"][:10],
-        "model": model,
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "cost_micros": cost_micros,
-        "record_json": COMPACT_JSON.encode(record),
-    }

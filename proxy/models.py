@@ -11,8 +11,6 @@ import json
 import logging
 from typing import Any
 
-import httpx
-
 from proxy.errors import UpstreamFailed, UpstreamTimeout
 from proxy.metrics import Metrics
 from proxy.upstream import Upstream, request_headers
@@ -49,26 +47,16 @@ class ModelCatalog:
 
     async def fetch(self, timeout_s: float) -> list[dict[str, Any]]:
         """Ask the upstream for its list; failures are counted and raised as ProxyErrors."""
-        headers = request_headers([], api_key=self.upstream.api_key, request_id="models")
-        try:
+        upstream = self.upstream
+        headers = request_headers([], api_key=upstream.api_key, request_id="models")
+        with upstream.failures(timeout_s):
             async with asyncio.timeout(timeout_s):
-                response = await self.upstream.send("GET", "/models", headers=headers, content=None)
+                response = await upstream.send("GET", "/models", headers=headers, content=None)
                 payload = await response.aread()
-        except TimeoutError:
-            self.metrics.upstream_errors.labels("timeout").inc()
-            raise UpstreamTimeout(timeout_s) from None
-        except UpstreamFailed as exc:
-            self.metrics.upstream_errors.labels(exc.reason).inc()
-            raise
-        except httpx.HTTPError as exc:
-            self.metrics.upstream_errors.labels("connect").inc()
-            raise UpstreamFailed("Upstream connection failed", reason="connect") from exc
-        models = _model_list(payload) if response.status_code == 200 else None
-        if models is None:
-            self.metrics.upstream_errors.labels(
-                "status" if response.status_code != 200 else "invalid"
-            ).inc()
-            raise UpstreamFailed("Upstream did not answer with a model list", reason="invalid")
+            models = _model_list(payload) if response.status_code == 200 else None
+            if models is None:
+                reason = "status" if response.status_code != 200 else "invalid"
+                raise UpstreamFailed("Upstream did not answer with a model list", reason=reason)
         self.models = models
         room = MAX_LABELLED_MODELS - len(self.metrics.known_models)
         self.metrics.known_models.update([m["id"] for m in models][: max(room, 0)])

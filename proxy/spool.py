@@ -40,8 +40,9 @@ class Spool:
         self.path = directory / f"usage-{os.getpid()}.jsonl"
         self._lock = threading.Lock()
 
-    def append(self, settlement: dict[str, Any]) -> None:
-        line = json.dumps(settlement, separators=(",", ":")) + "\n"
+    def append(self, entry: str) -> None:
+        """One entry (a JSON line without its newline), on disk before this returns."""
+        line = entry + "\n"
         with self._lock:
             self.directory.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as spool_file:

@@ -8,16 +8,17 @@ One process sweeps at a time (a lock in Redis); settlement is idempotent anyway.
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import os
-from typing import Any
 
 from proxy import store
 from proxy.credits import PriceTable
 from proxy.limits import Limiter
-from proxy.metering import Usage, settlement
-from proxy.store import Store
+from proxy.metering import Usage
+from proxy.metrics import Metrics
+from proxy.settlement import InFlight, record, settlement
+from proxy.store import Store, StoreDown
 
 log = logging.getLogger("tollgate.sweeper")
 LOCK_KEY = "tollgate:sweeper:lock"
@@ -26,22 +27,23 @@ PER_KEY = 100
 SWEPT_STATUS = 0  # the proxy ended before the request did; no status reached the client
 
 
-def _marker(reservation: str | None) -> dict[str, Any]:
-    if reservation is None:
-        return {}
-    try:
-        marker = json.loads(reservation.split(":", 2)[2])
-    except (IndexError, ValueError):
-        return {}
-    return marker if isinstance(marker, dict) else {}
-
-
 class Sweeper:
     def __init__(self, store_: Store, limiter: Limiter, prices: PriceTable, *, every_ms: int):
         self.store = store_
         self.limiter = limiter
         self.prices = prices
         self.every_ms = every_ms
+
+    async def sweep_forever(self, metrics: Metrics) -> None:
+        """Sweep requests of dead proxies, at about half a lease apart."""
+        while True:
+            await asyncio.sleep(self.every_ms / 1000)
+            try:
+                await self.sweep()
+            except StoreDown:
+                metrics.store_errors.inc()
+            except Exception:  # a sweep round must never kill the loop
+                log.exception("sweep failed; retrying")
 
     async def sweep(self) -> int:
         """Settle every request whose lease has run out; returns how many."""
@@ -75,24 +77,22 @@ class Sweeper:
         )
         name = await self.store.call(lambda: client.hget(store.record_key(key_id), "name"))
         for request_id, reservation in zip(request_ids, reservations, strict=True):
-            marker = _marker(reservation)
-            model = str(marker.get("model", "-"))
-            usage = Usage(int(marker.get("prompt", 0)), 0, "estimated")
-            await self.limiter.settle(
-                **settlement(
-                    request_id=request_id,
-                    client_request_id=None,
-                    ts=float(marker.get("ts", 0)),
-                    key_id=key_id,
-                    key_name=name or "",
-                    model=model,
-                    path=str(marker.get("path", "")),
-                    stream=bool(marker.get("stream", False)),
-                    status=SWEPT_STATUS,
-                    usage=usage,
-                    cost_micros=self.prices.cost_micros(model, usage.prompt_tokens, 0),
-                    latency_s=None,
-                    ttft_s=None,
-                )
+            marker = InFlight.decode(reservation)
+            usage = Usage(marker.prompt, 0, "estimated")
+            swept = settlement(
+                request_id=request_id,
+                client_request_id=None,
+                ts=marker.ts,
+                key_id=key_id,
+                key_name=name or "",
+                model=marker.model,
+                path=marker.path,
+                stream=marker.stream,
+                status=SWEPT_STATUS,
+                usage=usage,
+                cost_micros=self.prices.cost_micros(marker.model, usage.prompt_tokens, 0),
+                latency_s=None,
+                ttft_s=None,
             )
+            await record(self.limiter, swept)
         return len(request_ids)

@@ -38,6 +38,15 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def json_object_or_none(payload: bytes) -> dict[str, Any] | None:
+    """An upstream answer as a JSON object, or None when it is not one (never raises)."""
+    try:
+        parsed = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
 def is_utf8(text: str) -> bool:
     """False for strings JSON can carry but UTF-8 cannot (lone surrogates such as "\\ud800")."""
     try:

@@ -15,6 +15,7 @@ import pytest
 
 from proxy.config import Settings
 from proxy.http1 import Http1Transport
+from proxy.metrics import Metrics
 from proxy.upstream import Upstream
 from tests.test_http1 import OK, fetch, keep_answering, serving
 
@@ -115,7 +116,8 @@ async def test_upstream_ca_file_adds_to_the_default_trust_store(
     ):
         for server in (private, public):
             upstream = Upstream(
-                replace(settings, upstream_url=server.url, upstream_ca_file=authority.ca)
+                replace(settings, upstream_url=server.url, upstream_ca_file=authority.ca),
+                Metrics(key_label=False, known_models=set()),
             )
             try:
                 response = await upstream.send("GET", "/models", headers=[], content=None)

@@ -1,0 +1,273 @@
+"""One admitted request, from the upstream call to its settlement, as the ASGI response.
+
+The exchange (send, read or relay) runs in a task of its own beside a listener for the client's
+disconnect; whichever ends first ends the other. Its one deadline is `asyncio.timeout_at`. The
+single `finally` settles every path exactly once: success, upstream error, timeout, client gone,
+server shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any, NamedTuple
+
+import httpx
+from starlette.types import Receive, Scope, Send
+
+from proxy.admission import Arrival
+from proxy.config import Settings
+from proxy.credits import micros_to_usd
+from proxy.errors import ProxyError, StoreUnavailable, UpstreamFailed
+from proxy.ledger import Ledger
+from proxy.limits import Decision, rate_limit_headers
+from proxy.metering import StreamMeter, Usage
+from proxy.metrics import Metrics
+from proxy.settlement import settlement
+from proxy.surfaces.base import Parsed, Surface
+from proxy.upstream import Upstream, request_headers, response_headers
+
+CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer ended
+_JSON = (b"content-type", b"application/json")
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class Answer(NamedTuple):
+    """A whole answer, sent once the request is settled."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+class Lifecycle:
+    """Owns one admitted request until it is settled; Starlette runs it as the response."""
+
+    def __init__(
+        self,
+        *,
+        arrival: Arrival,
+        parsed: Parsed,
+        surface: Surface,
+        decision: Decision,
+        upstream: Upstream,
+        upstream_path: str,
+        method: str,
+        client_headers: list[tuple[bytes, bytes]],
+        query: bytes,
+        settings: Settings,
+        ledger: Ledger,
+        metrics: Metrics,
+    ) -> None:
+        self.arrival = arrival
+        self.parsed = parsed
+        self.surface = surface
+        self.decision = decision
+        self.upstream = upstream
+        self.upstream_path = upstream_path
+        self.method = method
+        self.client_headers = client_headers
+        self.query = query
+        self.settings = settings
+        self.ledger = ledger
+        self.metrics = metrics
+        # What the exchange learns, for the settlement.
+        self.response: httpx.Response | None = None
+        self.meter: StreamMeter | None = None
+        self.usage: Usage | None = None
+        self.ttft_s: float | None = None
+        self.started = False  # response head sent to the client
+        self.status = 500
+        self.billable = True  # False: the upstream did not take it, or answered an error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.metrics.inflight.inc()
+        exchange = asyncio.ensure_future(self._exchange(send))
+        listener = asyncio.ensure_future(_disconnected(receive))
+        answer: Answer | None = None
+        try:
+            try:
+                await asyncio.wait((exchange, listener), return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                # The server cancels what is left when its shutdown deadline passes.
+                await _stop(exchange)
+                await self._cut_short(send)
+                raise
+            if not exchange.done():  # the client went away first
+                await _stop(exchange)
+                self.status = CLIENT_CLOSED
+            elif (unexpected := exchange.exception()) is not None:
+                self.status = 500  # the middleware answers it without internals
+                raise unexpected
+            else:
+                answer = exchange.result()
+        finally:
+            listener.cancel()
+            await self._finish()
+        # A whole answer goes out after settlement: a client that sends its next request as
+        # soon as it has this one's answer finds its slot and reservation released.
+        if answer is not None:
+            await send(
+                {"type": "http.response.start", "status": answer.status, "headers": answer.headers}
+            )
+            await send({"type": "http.response.body", "body": answer.body})
+
+    async def _exchange(self, send: Send) -> Answer | None:
+        """Send upstream; relay a stream as it comes, or return the whole answer to send.
+
+        Failures become an error answer, or an error event once a stream has begun."""
+        try:
+            with self.upstream.failures(self.settings.upstream_timeout_s):
+                async with asyncio.timeout_at(self.arrival.deadline):
+                    return await self._forward(send)
+        except ProxyError as exc:
+            self.status = exc.status_code
+            if isinstance(exc, UpstreamFailed) and self.response is None:
+                self.billable = False  # the upstream could not be reached at all
+            return await self._fail(send, exc)
+        except OSError:  # the server reports a client that is gone
+            self.status = CLIENT_CLOSED
+            return None
+
+    async def _forward(self, send: Send) -> Answer | None:
+        headers = request_headers(
+            self.client_headers,
+            api_key=self.upstream.api_key,
+            request_id=self.arrival.request_id,
+            client_request_id=self.arrival.client_request_id,
+            forwarded=self.upstream.forwarded_headers,
+        )
+        response = self.response = await self.upstream.send(
+            self.method,
+            self.upstream_path,
+            headers=headers,
+            content=self.parsed.content,
+            query=self.query,
+        )
+        self.ttft_s = time.perf_counter() - self.arrival.started
+        status = response.status_code
+        is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
+        if status < 300 and is_sse and self.surface.accepts_stream(self.parsed):
+            await self._relay(send, response)
+            return None
+        payload = await response.aread()
+        if status >= 500 or 300 <= status < 400:
+            # A redirect would name the upstream's own host; Tollgate follows none.
+            self.billable = False
+            raise UpstreamFailed(f"Upstream answered with status {status}", reason="status")
+        if status < 300:
+            try:
+                self.usage = self.surface.usage_from_json(payload, self.parsed)
+            except UpstreamFailed:
+                self.billable = False
+                raise
+        else:
+            self.billable = False  # an upstream 4xx is passed back as it is, uncharged
+        self.status = status
+        headers = response_headers(response)
+        headers += rate_limit_headers(self.decision)
+        return Answer(status, headers, payload)
+
+    async def _relay(self, send: Send, response: httpx.Response) -> None:
+        """SSE bytes pass through untouched as they arrive; the meter only watches them."""
+        meter = self.meter = self.surface.stream_meter()
+        headers = response_headers(response) + rate_limit_headers(self.decision)
+        self.status = response.status_code
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        self.started = True
+        active = self.metrics.active_streams
+        active.inc()
+        try:
+            async for chunk in response.aiter_raw():
+                meter.feed(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            active.dec()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _fail(self, send: Send, error: ProxyError) -> Answer | None:
+        """Before the head: a JSON error with the rate-limit headers; after it, one final SSE
+        `data: {"error": ...}` event and a clean end."""
+        if self.started:
+            event = {"type": "http.response.body", "body": error.sse_event(), "more_body": False}
+            await send(event)
+            return None
+        headers = [(k.encode(), v.encode()) for k, v in error.headers.items()]
+        headers += [_JSON, *rate_limit_headers(self.decision)]
+        return Answer(error.status_code, headers, error.json_bytes())
+
+    async def _cut_short(self, send: Send) -> None:
+        """At the server's shutdown deadline: a stream ends with an error event."""
+        ending = StoreUnavailable("Tollgate is shutting down; the stream was cut short")
+        self.status = ending.status_code
+        if self.started:
+            with contextlib.suppress(Exception):
+                await send(
+                    {"type": "http.response.body", "body": ending.sse_event(), "more_body": False}
+                )
+
+    def _final_usage(self) -> Usage:
+        if self.usage is not None:
+            return self.usage
+        if self.meter is not None and self.meter.usage is not None:
+            return self.meter.usage
+        if not self.billable:
+            return Usage(0, 0, "upstream")
+        completion = self.meter.completion_estimate() if self.meter is not None else 0
+        return Usage(self.parsed.prompt_estimate, completion, "estimated")
+
+    async def _finish(self) -> None:
+        """Close upstream, settle limits and credits, record usage and metrics: once, here."""
+        try:
+            if self.response is not None:
+                with contextlib.suppress(Exception):  # a broken connection must not stop this
+                    await self.response.aclose()
+            arrival, parsed = self.arrival, self.parsed
+            usage = self._final_usage()
+            cost_micros = self.settings.prices.cost_micros(
+                parsed.model, usage.prompt_tokens, usage.completion_tokens
+            )
+            elapsed = time.perf_counter() - arrival.started
+            await self.ledger.settle(
+                settlement(
+                    request_id=arrival.request_id,
+                    client_request_id=arrival.client_request_id,
+                    ts=arrival.ts,
+                    key_id=arrival.key_id,
+                    key_name=arrival.key_name,
+                    model=parsed.model,
+                    path=arrival.path,
+                    stream=parsed.stream,
+                    status=self.status,
+                    usage=usage,
+                    cost_micros=cost_micros,
+                    latency_s=elapsed,
+                    ttft_s=self.ttft_s,
+                )
+            )
+            self.metrics.finished(
+                route=arrival.route,
+                model=parsed.model,
+                stream=parsed.stream,
+                status=self.status,
+                key_name=arrival.key_name,
+                elapsed_s=elapsed,
+                ttft_s=self.ttft_s,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cost_usd=micros_to_usd(cost_micros),
+            )
+        finally:
+            self.metrics.inflight.dec()
+
+
+async def _stop(task: asyncio.Future[Any]) -> None:
+    """Cancel a task and wait until it has unwound (its upstream connection closed)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

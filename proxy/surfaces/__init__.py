@@ -1,0 +1,1 @@
+"""API surfaces: what Tollgate knows of each API's requests, answers and streams."""

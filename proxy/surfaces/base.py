@@ -1,0 +1,48 @@
+"""The surface interface: one API's request checks, token estimates and usage extraction.
+
+A surface turns a client body into a `Parsed` request (what to reserve, what to send) and finds
+the usage in the upstream's answer, JSON or SSE. Adding an API is a new module beside this one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.config import Settings
+from proxy.metering import StreamMeter, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A validated request: what admission reserves and what goes upstream."""
+
+    model: str
+    stream: bool
+    content: bytes | None  # the body sent upstream
+    prompt_estimate: int  # tokens, for the tokens bucket and the worst-case cost
+    completion_max: int  # tokens the answer may take
+    priced: bool  # reserve the worst-case cost (False: charge only what usage reports)
+
+
+class Surface(Protocol):
+    """One API surface; `route` labels its metrics."""
+
+    route: str
+
+    def parse(self, raw: bytes, settings: Settings) -> Parsed:
+        """Validate the body (400 naming the field) and estimate what the request may use."""
+        ...
+
+    def accepts_stream(self, parsed: Parsed) -> bool:
+        """Whether an SSE answer is the expected answer to this request."""
+        ...
+
+    def usage_from_json(self, payload: bytes, parsed: Parsed) -> Usage | None:
+        """Usage in a 2xx JSON answer; raises UpstreamFailed(reason="invalid") for an answer
+        this surface cannot accept."""
+        ...
+
+    def stream_meter(self) -> StreamMeter:
+        """A meter that finds usage in this surface's SSE events as they pass."""
+        ...
