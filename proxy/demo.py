@@ -79,7 +79,7 @@ async def run_demo(settings: Settings, *, sock: socket.socket, host: str) -> Non
     mock_sock = listen("127.0.0.1", 0)
     mock_port: int = mock_sock.getsockname()[1]
     settings = replace(settings, upstream_url=f"http://127.0.0.1:{mock_port}/v1")
-    store = Store(embedded_client(), embedded=True)
+    store = Store(embedded_client())
     record = await Keyring(store).create(
         name="demo",
         limits=dict(DEMO_LIMITS),

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.commands.core import AsyncScript
 
 from proxy.config import Settings
@@ -128,13 +128,17 @@ class Store:
         self,
         client: Any,
         *,
-        embedded: bool = False,
         cluster: bool = False,
         mux: RedisMux | ClusterMux | None = None,
     ) -> None:
         self.client = client
-        self.embedded = embedded
         self.cluster = cluster
+        # redis-py drops a startup node for good when it fails; these put them back.
+        self._seeds: list[tuple[str, int]] = (
+            [(n.host, n.port) for n in client.nodes_manager.startup_nodes.values()]
+            if cluster
+            else []
+        )
         self.mux = mux  # the hot path's shared connection, when the server allows one
         self.admit_script: AsyncScript = client.register_script(_script_source("limits_admit"))
         self.settle_script: AsyncScript = client.register_script(_script_source("limits_settle"))
@@ -148,7 +152,7 @@ class Store:
         SCRIPT LOAD goes to every master, so a node that owns the slot after a migration or a
         failover has it too.
         """
-        with store_errors(cluster=self.cluster):
+        with self._errors():
             if self.mux is not None:
                 return await self.mux.evalsha(script.sha, str(script.script), keys, args)
             for _ in range(NOSCRIPT_RETRIES):
@@ -157,6 +161,26 @@ class Store:
                 except redis.exceptions.NoScriptError:  # flushed again since the last load
                     await self._load(script, keys[0])
             return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            with store_errors(cluster=self.cluster):
+                yield
+        except StoreDown:
+            if self.cluster:
+                self._reseed()
+            raise
+
+    def _reseed(self) -> None:
+        """After every node it knew failed, redis-py's cluster client has no startup node
+        left and never connects again: give it the seeds (and the nodes it knew) back."""
+        manager = self.client.nodes_manager
+        known = [(n.host, n.port) for n in manager.nodes_cache.values()]
+        for host, port in [*self._seeds, *known]:
+            name = f"{host}:{port}"
+            if name not in manager.startup_nodes:
+                manager.startup_nodes[name] = ClusterNode(host, port, **manager.connection_kwargs)
 
     async def _load(self, script: AsyncScript, key: str) -> None:
         """SCRIPT LOAD; on a cluster, on every master redis-py knows and on the one that owns
@@ -169,12 +193,12 @@ class Store:
 
     async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis operation, translating the store's failures into StoreDown."""
-        with store_errors(cluster=self.cluster):
+        with self._errors():
             return await operation()
 
     async def ping(self) -> bool:
         try:
-            with store_errors(cluster=self.cluster):
+            with self._errors():
                 return bool(await self.client.ping())
         except StoreDown:
             return False
@@ -199,7 +223,7 @@ def open_store(settings: Settings) -> Store:
             "and usage live in this process only and are lost when it exits. Set "
             "TOLLGATE_REDIS_URL for anything but a demo."
         )
-        return Store(embedded_client(), embedded=True)
+        return Store(embedded_client())
     common: dict[str, Any] = {
         "decode_responses": True,
         "socket_timeout": REDIS_TIMEOUT_S,

@@ -74,7 +74,7 @@ class Harness:
 
 def make_harness(settings: Settings, mock_state: MockState) -> Iterator[Harness]:
     transport = httpx.ASGITransport(app=create_mock_upstream(mock_state))
-    store = Store(embedded_client(), embedded=True)
+    store = Store(embedded_client())
     app = create_app(settings, store=store, transport=transport)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield Harness(client, mock_state)

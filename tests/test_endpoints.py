@@ -75,7 +75,7 @@ def app_client(
     settings: Settings, transport: httpx.AsyncBaseTransport | None = None
 ) -> Iterator[TestClient]:
     """The app on its own store, with a given upstream transport (None: the real one)."""
-    app = create_app(settings, store=Store(embedded_client(), embedded=True), transport=transport)
+    app = create_app(settings, store=Store(embedded_client()), transport=transport)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
 

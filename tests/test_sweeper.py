@@ -18,7 +18,7 @@ LEASE_MS = 20_000
 
 @pytest.mark.anyio
 async def test_expired_request_gets_one_estimated_record_and_frees_its_reservation() -> None:
-    store = Store(embedded_client(), embedded=True)
+    store = Store(embedded_client())
     prices = load_prices(None)
     record = await Keyring(store).create(
         name="crashy", limits={"max_concurrency": 1}, credits_micros=10_000,

@@ -152,11 +152,6 @@ async def test_a_flushed_script_cache_under_traffic(
 async def test_every_master_stopped_is_store_down_within_the_deadline_then_recovers(
     plain_cluster: list[RedisServer], plain_store: Store
 ) -> None:
-    if plain_store.mux is None:
-        pytest.skip(
-            "redis-py 6.4's cluster client drops every unreachable startup node and then "
-            "cannot reconnect at all after every master was down"
-        )
     limiter = Limiter(plain_store, lease_ms=LEASE_MS)
     keys = await new_keys(plain_store, 6)
     stopped_at = 0.0
@@ -190,7 +185,10 @@ async def test_every_master_stopped_is_store_down_within_the_deadline_then_recov
     )
     recovery = recovered_after(outcomes, resumed)
     print(f"recovered {recovery:.2f} s after SIGCONT")
-    assert failed and slowest <= REDIS_TIMEOUT_S + 0.5 and recovery < 1.0
+    # redis-py's own path may spend its socket timeout and then a connect timeout on the
+    # reinitialisation it starts after a failure; the shared connections have one deadline.
+    bound_s = REDIS_TIMEOUT_S if plain_store.mux is not None else 2 * REDIS_TIMEOUT_S
+    assert failed and slowest <= bound_s + 0.5 and recovery < 1.0
     after = await limiter.admit(
         keys[0].presented, request_id="after", model="m", token_estimate=1, cost_micros=0
     )
