@@ -8,6 +8,7 @@ Only the web edge turns a refusal into an HTTP error.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 from proxy import store
@@ -100,8 +101,12 @@ class Limiter:
         completion_tokens: int,
         cost_micros: int,
         record_json: str,
+        request_ms: int | None = None,
     ) -> bool:
-        """Release the request's slot and reservation, charge it, append its usage record."""
+        """Release the request's slot and reservation, charge it, append its usage record.
+
+        `request_ms` is when the request arrived (None: now); a record written much later is
+        indexed by it, so usage queries date it by the request, not by the replay."""
         args: list[str | int] = [
             request_id,
             prompt_tokens + completion_tokens,
@@ -112,6 +117,8 @@ class Limiter:
             completion_tokens,
             self.retention_ms,
             record_json,
+            int(time.time() * 1000) if request_ms is None else request_ms,
+            store.LATE_RECORD_MS,
         ]
         keys = store.settlement_keys(key_id)
         reply = await self.store.run(self.store.settle_script, keys, args)

@@ -20,12 +20,18 @@ from proxy.metering import COMPACT_JSON, Usage
 SPOOL_VERSION = 1
 
 
+def record_time_ms(ts: str) -> int:
+    """A usage record's `ts` (ISO 8601, milliseconds) as ms since the epoch, exactly."""
+    return round(datetime.fromisoformat(ts).timestamp() * 1000)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settlement:
     """What settles one request in the store: its charge and its usage record."""
 
     key_id: str
     request_id: str
+    ts_ms: int  # when the request arrived: records and aggregates are dated by it
     day: str  # YYYY-MM-DD (UTC) of the request, for the per-day aggregates
     model: str
     prompt_tokens: int
@@ -42,9 +48,14 @@ class Settlement:
         version = entry.get("v", 1)
         if version != SPOOL_VERSION:
             raise ValueError(f"unknown spool entry version {version!r}")
+        ts_ms = entry.get("ts_ms")
+        if ts_ms is None:  # 0.1's lines: the time is in the record
+            ts = json.loads(str(entry["record_json"])).get("ts") or f"{entry['day']}T00:00:00+00:00"
+            ts_ms = record_time_ms(ts)
         return cls(
             key_id=str(entry["key_id"]),
             request_id=str(entry["request_id"]),
+            ts_ms=int(ts_ms),
             day=str(entry["day"]),
             model=str(entry["model"]),
             prompt_tokens=int(entry["prompt_tokens"]),
@@ -71,10 +82,13 @@ def settlement(
     ttft_s: float | None,
 ) -> Settlement:
     """One finished request's settlement, its usage record included."""
+    ts_ms = int(ts * 1000)
+    # From the integer, so the record's `ts` and `ts_ms` name the very same millisecond.
+    when = datetime.fromtimestamp(ts_ms // 1000, UTC).replace(microsecond=ts_ms % 1000 * 1000)
     record: dict[str, Any] = {
         "request_id": request_id,
         "client_request_id": client_request_id,
-        "ts": datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds"),
+        "ts": when.isoformat(timespec="milliseconds"),
         "key_id": key_id,
         "key_name": key_name,
         "model": model,
@@ -94,6 +108,7 @@ def settlement(
     return Settlement(
         key_id=key_id,
         request_id=request_id,
+        ts_ms=ts_ms,
         day=record["ts"][:10],
         model=model,
         prompt_tokens=usage.prompt_tokens,
@@ -158,4 +173,5 @@ async def record(limiter: Limiter, s: Settlement) -> bool:
         completion_tokens=s.completion_tokens,
         cost_micros=s.cost_micros,
         record_json=s.record_json,
+        request_ms=s.ts_ms,
     )

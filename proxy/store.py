@@ -45,6 +45,9 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
 _UNAVAILABLE_CODES = frozenset({"BUSY", "MISCONF", "NOREPLICAS"})
 
 KEY_INDEX = "tollgate:keys"
+# A usage record written longer than this after its request (a replayed spool, a swept
+# request) is indexed by the request's time as well; on time, it is found by its own.
+LATE_RECORD_MS = 15 * 60 * 1000
 REDIS_POOL_SIZE = 64  # connections per process to a single Redis
 REDIS_POOL_WAIT_S = 30.0
 REDIS_TIMEOUT_S = 2.0  # a Redis that has not answered in this long counts as down
@@ -85,12 +88,22 @@ def settled_key(key_id: str) -> str:
     return f"tollgate:settled:{{{key_id}}}"
 
 
+def late_key(key_id: str) -> str:
+    return f"tollgate:late:{{{key_id}}}"
+
+
 def admission_keys(key_id: str) -> list[str]:
     return [record_key(key_id), bucket_key(key_id), inflight_key(key_id), reserved_key(key_id)]
 
 
 def settlement_keys(key_id: str) -> list[str]:
-    return [*admission_keys(key_id), usage_key(key_id), aggregates_key(key_id), settled_key(key_id)]
+    return [
+        *admission_keys(key_id),
+        usage_key(key_id),
+        aggregates_key(key_id),
+        settled_key(key_id),
+        late_key(key_id),
+    ]
 
 
 def release_keys(key_id: str) -> list[str]:

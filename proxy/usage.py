@@ -12,7 +12,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from proxy import store
-from proxy.credits import micros_to_usd
+from proxy.credits import micros_to_usd, usd_to_micros
+from proxy.settlement import record_time_ms
 from proxy.store import Store
 
 COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "cost_micros")
@@ -65,21 +66,43 @@ def _aggregate_name(field: str) -> tuple[str, str, str]:
 async def records(
     store_: Store, key_id: str, since: datetime, until: datetime
 ) -> AsyncIterator[dict[str, Any]]:
-    """Raw usage records of one key settled in [since, until), oldest first."""
+    """Raw usage records of one key whose requests arrived in [since, until).
+
+    Records are stored in the order they were written. Most are written within
+    LATE_RECORD_MS of their request, so the stream is read from `since` to `until` plus that;
+    the rest (replayed from a spool, swept) are also indexed by their request's time.
+    """
     client = store_.client
+    since_ms, until_ms = int(since.timestamp() * 1000), int(until.timestamp() * 1000)
     stream = store.usage_key(key_id)
-    start = str(int(since.timestamp() * 1000))
-    end = f"({int(until.timestamp() * 1000)}"
+    start, end = str(since_ms), f"({until_ms + store.LATE_RECORD_MS}"
     while True:
         low = start
         page: list[tuple[str, dict[str, str]]] = await store_.call(
             lambda: client.xrange(stream, min=low, max=end, count=_PAGE)  # noqa: B023
         )
-        for _entry_id, fields in page:
-            yield json.loads(fields["r"])
+        for entry_id, fields in page:
+            record = json.loads(fields["r"])
+            request_ms = record_time_ms(record["ts"])
+            written_ms = int(entry_id.partition("-")[0])
+            # A late record is yielded by its index below, so never twice.
+            if (
+                since_ms <= request_ms < until_ms
+                and written_ms - request_ms <= store.LATE_RECORD_MS
+            ):
+                yield record
         if len(page) < _PAGE:
-            return
+            break
         start = "(" + page[-1][0]
+    late: list[str] = await store_.call(
+        lambda: client.zrangebyscore(store.late_key(key_id), since_ms, f"({until_ms}")
+    )
+    for entry_id in late:
+        found: list[tuple[str, dict[str, str]]] = await store_.call(
+            lambda: client.xrange(stream, min=entry_id, max=entry_id)  # noqa: B023
+        )
+        for _entry_id, fields in found:  # gone when it outlived the retention
+            yield json.loads(fields["r"])
 
 
 async def key_usage(
@@ -107,7 +130,7 @@ async def key_usage(
             group["requests"] += 1
             group["prompt_tokens"] += record["prompt_tokens"]
             group["completion_tokens"] += record["completion_tokens"]
-            group["cost_micros"] += round(record["cost_usd"] * 1_000_000)
+            group["cost_micros"] += usd_to_micros(record["cost_usd"])
     totals = _empty()
     for counters in groups.values():
         for counter in COUNTERS:

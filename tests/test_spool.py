@@ -105,8 +105,9 @@ def test_settlements_round_trip_through_their_versioned_wire_form() -> None:
     from proxy.settlement import SPOOL_VERSION, Settlement
 
     settlement = Settlement(
-        key_id="00000000000001a1", request_id="r-1", day="2026-11-30", model="m|x",
-        prompt_tokens=3, completion_tokens=4, cost_micros=5, record_json='{"a":1}',
+        key_id="00000000000001a1", request_id="r-1", ts_ms=1_796_000_000_000,
+        day="2026-11-30", model="m|x", prompt_tokens=3, completion_tokens=4, cost_micros=5,
+        record_json='{"a":1}',
     )  # fmt: skip
     line = settlement.to_json()
     assert json.loads(line)["v"] == SPOOL_VERSION

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from proxy.metering import Usage
+from proxy.settlement import record, settlement
 from proxy.usage import key_usage
 from tests.conftest import Harness
 
@@ -67,3 +70,36 @@ def test_aggregates_and_raw_records_agree_for_models_with_pipes(harness: Harness
     assert whole["groups"] == raw["groups"]
     assert whole["totals"] == raw["totals"]
     assert whole["totals"]["requests"] == len(PIPED_MODELS)
+
+
+def test_a_record_replayed_days_later_is_dated_by_its_request(harness: Harness) -> None:
+    """A settlement spooled during an outage and replayed two days later: windows over the
+    request's own time find it (raw records and per-day aggregates), the replay day does not."""
+    key = harness.create_key()
+    requested = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2, hours=1)
+    late = settlement(
+        request_id="replayed-1", client_request_id=None, ts=requested.timestamp(),
+        key_id=key["id"], key_name="k", model="gpt-4o-mini", path="/v1/chat/completions",
+        stream=False, status=200, usage=Usage(10, 5, "upstream"), cost_micros=7,
+        latency_s=0.1, ttft_s=0.05,
+    )  # fmt: skip
+    assert harness.run(record, harness.gateway.admission.limiter, late)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}
+    assert harness.chat(key["key"], body).status_code == 200  # one on time, today
+
+    def window(since: datetime, until: datetime) -> str:
+        return f"since={since.timestamp():.3f}&until={until.timestamp():.3f}"
+
+    around = window(requested - timedelta(minutes=1), requested + timedelta(minutes=1))
+    answer = usage(harness, key["id"], "group_by=day&" + around)
+    assert [(g["day"], g["requests"]) for g in answer["groups"]] == [
+        (requested.date().isoformat(), 1)
+    ]
+    now = datetime.now(UTC)
+    recent = usage(harness, key["id"], "group_by=day&" + window(now - timedelta(hours=1), now))
+    assert recent["totals"]["requests"] == 1  # today's request only, not the replayed one
+    day = requested.date()
+    whole_day = usage(harness, key["id"], f"since={day}&until={day + timedelta(days=1)}")
+    assert whole_day["totals"]["requests"] == 1
+    exported = harness.admin("GET", "/admin/usage/export?" + around)
+    assert [json.loads(line)["request_id"] for line in exported.text.splitlines()] == ["replayed-1"]

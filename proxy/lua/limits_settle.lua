@@ -8,6 +8,7 @@
 -- KEYS[5]  usage stream        tollgate:usage:{id}       raw usage records, field "r" = JSON
 -- KEYS[6]  aggregates hash     tollgate:agg:{id}         "<day>|<model>|<counter>" -> integer
 -- KEYS[7]  settled zset        tollgate:settled:{id}     request id -> settle time (ms)
+-- KEYS[8]  late-records zset   tollgate:late:{id}        usage entry id -> request time (ms)
 -- ARGV[1]  request id
 -- ARGV[2]  tokens actually used (prompt + completion)
 -- ARGV[3]  cost actually incurred, micro-dollars
@@ -17,18 +18,23 @@
 -- ARGV[7]  completion tokens
 -- ARGV[8]  raw-record retention in ms (older stream entries are trimmed)
 -- ARGV[9]  the usage record, JSON
+-- ARGV[10] time of the request, ms since the epoch
+-- ARGV[11] lateness in ms: a record written longer than this after its request (replayed
+--          from a spool, or swept) is also indexed by the request's time, so a usage query
+--          for the request's window finds it
 --
 -- The stream and the settled set use the Redis clock: records are ordered and retained by
--- the time they were recorded.
+-- the time they were recorded; late records are found by their request's time through KEYS[8].
 -- Returns 1 when settled now, 0 when this request id was settled before.
 
 local record_key, bucket_key, inflight_key, reserved_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local usage_key, agg_key, settled_key = KEYS[5], KEYS[6], KEYS[7]
+local usage_key, agg_key, settled_key, late_key = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local request_id = ARGV[1]
 local used_tokens, cost_micros = tonumber(ARGV[2]), tonumber(ARGV[3])
 local day, model = ARGV[4], ARGV[5]
 local prompt_tokens, completion_tokens = tonumber(ARGV[6]), tonumber(ARGV[7])
 local retention_ms = tonumber(ARGV[8])
+local request_ms, late_ms = tonumber(ARGV[10]), tonumber(ARGV[11])
 
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -61,7 +67,11 @@ if rec[1] and cost_micros ~= 0 then
   redis.call('HINCRBY', record_key, 'credits', -cost_micros)
 end
 
-redis.call('XADD', usage_key, 'MINID', '~', now - retention_ms, '*', 'r', ARGV[9])
+local entry_id = redis.call('XADD', usage_key, 'MINID', '~', now - retention_ms, '*', 'r', ARGV[9])
+if tonumber(string.match(entry_id, '^(%d+)')) - request_ms > late_ms then
+  redis.call('ZADD', late_key, request_ms, entry_id)
+  redis.call('ZREMRANGEBYSCORE', late_key, '-inf', now - retention_ms)
+end
 local prefix = day .. '|' .. model .. '|'
 redis.call('HINCRBY', agg_key, prefix .. 'requests', 1)
 redis.call('HINCRBY', agg_key, prefix .. 'prompt_tokens', prompt_tokens)
