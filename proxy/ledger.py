@@ -49,6 +49,15 @@ class Ledger:
         await asyncio.to_thread(self.spool.append, settlement.to_json())
         self.metrics.spooled.inc()  # the replay loop sets the exact count every round
 
+    async def release(self, key_id: str, request_id: str) -> None:
+        """Undo an admission whose request never reached the upstream: now, or once the
+        store answers again."""
+        try:
+            await self.limiter.release(key_id, request_id)
+        except StoreDown:
+            self.metrics.store_errors.inc()
+            self.release_later(key_id, request_id)
+
     def release_later(self, key_id: str, request_id: str) -> None:
         """Undo, once the store answers, an admission whose reply was lost (it may have run;
         nothing went upstream): the replay loop releases it, uncharged and unrecorded."""

@@ -29,6 +29,8 @@ from proxy.surfaces.base import Parsed, Surface
 from proxy.upstream import Upstream, request_headers, response_headers
 
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer ended
+# Transport errors raised before a byte of the request was written.
+_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _JSON = (b"content-type", b"application/json")
 
 
@@ -84,6 +86,7 @@ class Lifecycle:
         self.started = False  # response head sent to the client
         self.status = 500
         self.billable = True  # False: the upstream did not take it, or answered an error
+        self.reached = True  # False: never connected, so released rather than settled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.metrics.inflight.inc()
@@ -128,7 +131,9 @@ class Lifecycle:
         except ProxyError as exc:
             self.status = exc.status_code
             if isinstance(exc, UpstreamFailed) and self.response is None:
-                self.billable = False  # the upstream could not be reached at all
+                self.billable = False  # no answer came back
+                # Not even connected: nothing reached the upstream, so no record and no charge.
+                self.reached = not isinstance(exc.__cause__, _NEVER_SENT)
             return await self._fail(send, exc)
         except OSError:  # the server reports a client that is gone
             self.status = CLIENT_CLOSED
@@ -228,6 +233,10 @@ class Lifecycle:
                 with contextlib.suppress(Exception):  # a broken connection must not stop this
                     await self.response.aclose()
             arrival, parsed = self.arrival, self.parsed
+            if not self.reached:
+                await self.ledger.release(arrival.key_id, arrival.request_id)
+                self.metrics.answered(arrival.route, parsed.model, self.status, arrival.key_name)
+                return
             usage = self._final_usage()
             cost_micros = self.settings.prices.cost_micros(
                 parsed.model, usage.prompt_tokens, usage.completion_tokens
