@@ -21,6 +21,10 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+# The one admin token of every Tollgate the tests start (in-process or as a process), and the
+# upstream key those processes send to their upstream.
+ADMIN_TOKEN = "test-admin-token-0123456789"
+UPSTREAM_KEY = "sk-upstream-integration-secret"
 
 
 def free_port() -> int:
@@ -181,6 +185,31 @@ def cluster_ready(nodes: list[RedisServer], *, replicas: int = 0) -> bool:
 def role_of(node: RedisServer) -> str:
     """The role the node itself reports: "master" or "slave"."""
     return node.cli("role").splitlines()[0]
+
+
+def tollgate_env(
+    *,
+    redis_url: str,
+    upstream_url: str,
+    spool_dir: Path | None = None,
+    admin_token: str = ADMIN_TOKEN,
+    upstream_api_key: str = UPSTREAM_KEY,
+    log_level: str = "warning",
+    **extra: str,
+) -> dict[str, str]:
+    """The TOLLGATE_* environment of one `tollgate serve`: its store, its upstream, the admin
+    token, where its spool lives (the working directory's default when None) and any other
+    setting in `extra` (e.g. TOLLGATE_FAIL_MODE="open")."""
+    env = {
+        "TOLLGATE_REDIS_URL": redis_url,
+        "TOLLGATE_UPSTREAM_URL": upstream_url,
+        "TOLLGATE_UPSTREAM_API_KEY": upstream_api_key,
+        "TOLLGATE_ADMIN_TOKEN": admin_token,
+        "TOLLGATE_LOG_LEVEL": log_level,
+    }
+    if spool_dir is not None:
+        env["TOLLGATE_SPOOL_DIR"] = str(spool_dir)
+    return {**env, **extra}
 
 
 class ProxyServer:

@@ -1,14 +1,13 @@
 """Real servers shared by the integration tests: one redis-server, one mock upstream (uvicorn)
-and one `tollgate serve` subprocess wired to both, plus small clients for what they expose.
+and one `tollgate serve` subprocess wired to both, plus a client for the mock's inspection
+routes (the admin client is tests/admin_client.py).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +16,15 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.admin_client import Admin
 from tests.servers import (
     ProxyServer,
     RedisServer,
     mock_upstream_server,
     proxy_server,
-    wait_for,
+    tollgate_env,
 )
 
-ADMIN_TOKEN = "integration-admin-token-0123456789"
-UPSTREAM_KEY = "sk-upstream-integration-secret"
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
 
 
@@ -71,60 +69,6 @@ class Mock:
         return found[0]
 
 
-class Admin:
-    """The admin API of one proxy."""
-
-    def __init__(self, base_url: str) -> None:
-        self.client = httpx.Client(
-            base_url=base_url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10
-        )
-
-    def create_key(self, **fields: Any) -> dict[str, Any]:
-        response = self.client.post("/admin/keys", json={"name": "integration", **fields})
-        assert response.status_code == 201, response.text
-        record: dict[str, Any] = response.json()
-        return record
-
-    def key(self, key_id: str) -> dict[str, Any]:
-        response = self.client.get(f"/admin/keys/{key_id}")
-        assert response.status_code == 200, response.text
-        record: dict[str, Any] = response.json()
-        return record
-
-    def usage(self, key_id: str, *, since: float, group_by: str = "model") -> dict[str, Any]:
-        params = {"since": math.floor(since) - 1, "until": math.ceil(time.time()) + 60}
-        response = self.client.get(
-            f"/admin/keys/{key_id}/usage", params={**params, "group_by": group_by}
-        )
-        assert response.status_code == 200, response.text
-        answer: dict[str, Any] = response.json()
-        return answer
-
-    def export(self, *, since: float) -> list[dict[str, Any]]:
-        params = {"since": math.floor(since) - 1, "until": math.ceil(time.time()) + 60}
-        response = self.client.get("/admin/usage/export", params=params)
-        assert response.status_code == 200, response.text
-        assert response.headers["content-type"].startswith("application/x-ndjson")
-        return [json.loads(line) for line in response.text.splitlines() if line]
-
-    def record(self, request_id: str, *, since: float, timeout_s: float = 10) -> dict[str, Any]:
-        """The usage record of one request, by Tollgate's id or the one the client sent,
-        waiting (bounded) for its settlement."""
-        found: list[dict[str, Any]] = []
-
-        def landed() -> bool:
-            found[:] = [
-                r
-                for r in self.export(since=since)
-                if request_id in (r["request_id"], r.get("client_request_id"))
-            ]
-            return bool(found)
-
-        wait_for(landed, timeout_s=timeout_s, what=f"usage record of {request_id}")
-        assert len(found) == 1, found
-        return found[0]
-
-
 @dataclass
 class Stack:
     redis: RedisServer
@@ -137,27 +81,12 @@ class Stack:
         return self.proxy.url
 
 
-def proxy_env(redis: RedisServer, mock: Mock, spool_dir: Path, **extra: str) -> Mapping[str, str]:
-    return {
-        "TOLLGATE_REDIS_URL": redis.url,
-        "TOLLGATE_UPSTREAM_URL": mock.url,
-        "TOLLGATE_UPSTREAM_API_KEY": UPSTREAM_KEY,
-        "TOLLGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-        "TOLLGATE_SPOOL_DIR": str(spool_dir),
-        "TOLLGATE_LOG_LEVEL": "warning",
-        **extra,
-    }
-
-
 @contextmanager
 def running_stack(redis: RedisServer, mock: Mock, spool_dir: Path, **extra: str) -> Iterator[Stack]:
     """A `tollgate serve` on the shared Redis and mock, with extra TOLLGATE_* settings."""
-    with proxy_server(env=proxy_env(redis, mock, spool_dir, **extra)) as proxy:
-        admin = Admin(proxy.url)
-        try:
-            yield Stack(redis=redis, mock=mock, proxy=proxy, admin=admin)
-        finally:
-            admin.client.close()
+    env = tollgate_env(redis_url=redis.url, upstream_url=mock.url, spool_dir=spool_dir, **extra)
+    with proxy_server(env=env) as proxy, Admin(proxy.url) as admin:
+        yield Stack(redis=redis, mock=mock, proxy=proxy, admin=admin)
 
 
 @pytest.fixture(scope="session")

@@ -33,8 +33,8 @@ from urllib.parse import unquote
 import httpx
 import pytest
 
-from tests.integration.conftest import ADMIN_TOKEN, Stack, running_mock, running_stack
-from tests.servers import RedisServer, wait_for
+from tests.integration.conftest import Stack, running_mock, running_stack
+from tests.servers import ADMIN_TOKEN, RedisServer, wait_for
 
 REQUESTS = int(os.environ.get("TOLLGATE_FUZZ_REQUESTS", "500"))
 SECONDS = float(os.environ.get("TOLLGATE_FUZZ_SECONDS", "25"))

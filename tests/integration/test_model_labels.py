@@ -7,19 +7,21 @@ from pathlib import Path
 
 import httpx
 
-from tests.integration.conftest import MESSAGES, Admin, Mock, proxy_env
-from tests.servers import RedisServer, proxy_server
+from tests.admin_client import Admin
+from tests.integration.conftest import MESSAGES, Mock
+from tests.servers import RedisServer, proxy_server, tollgate_env
 
 
 def test_upstream_model_is_labelled_alike_by_both_workers(
     redis_store: RedisServer, mock: Mock, tmp_path: Path
 ) -> None:
-    env = proxy_env(redis_store, mock, tmp_path / "spool")
+    env = tollgate_env(
+        redis_url=redis_store.url, upstream_url=mock.url, spool_dir=tmp_path / "spool"
+    )
     args = ["serve", "--host", "127.0.0.1", "--port", "{port}", "--workers", "2"]
     with proxy_server(env=env, args=args) as proxy:
-        admin = Admin(proxy.url)
-        key = admin.create_key(name="labels")["key"]
-        admin.client.close()
+        with Admin(proxy.url) as admin:
+            key = admin.create_key(name="labels")["key"]
         body = {"model": "mock-slow", "messages": MESSAGES}  # listed upstream, not priced
         for _ in range(30):  # a fresh connection each, so both workers serve some
             response = httpx.post(

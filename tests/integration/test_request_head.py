@@ -16,16 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import (
-    MESSAGES,
-    Admin,
-    Mock,
-    Stack,
-    new_request_id,
-    proxy_env,
-    running_stack,
-)
-from tests.servers import RedisServer, proxy_server, wait_for
+from tests.admin_client import Admin
+from tests.integration.conftest import MESSAGES, Mock, Stack, new_request_id, running_stack
+from tests.servers import RedisServer, proxy_server, tollgate_env, wait_for
 
 HEADER_TIMEOUT_S = 1.0
 MAX_CONNECTIONS = 50
@@ -284,7 +277,12 @@ def test_keep_alive_connection_serves_again_then_closes_after_the_header_timeout
 def test_every_worker_of_workers_2_enforces_the_limits(
     redis_store: RedisServer, mock: Mock, tmp_path: Path
 ) -> None:
-    env = proxy_env(redis_store, mock, tmp_path / "spool", TOLLGATE_HEADER_TIMEOUT="1")
+    env = tollgate_env(
+        redis_url=redis_store.url,
+        upstream_url=mock.url,
+        spool_dir=tmp_path / "spool",
+        TOLLGATE_HEADER_TIMEOUT="1",
+    )
     args = ["serve", "--host", "127.0.0.1", "--port", "{port}", "--workers", "2"]
     with proxy_server(env=env, args=args) as proxy:
         stack = Stack(redis=redis_store, mock=mock, proxy=proxy, admin=Admin(proxy.url))

@@ -14,15 +14,8 @@ import httpx2
 import openai
 import pytest
 
-from tests.integration.conftest import (
-    MESSAGES,
-    UPSTREAM_KEY,
-    Mock,
-    Stack,
-    new_request_id,
-    running_stack,
-)
-from tests.servers import RedisServer
+from tests.integration.conftest import MESSAGES, Mock, Stack, new_request_id, running_stack
+from tests.servers import UPSTREAM_KEY, RedisServer
 
 MODEL = "gpt-4o-mini"
 TOOLS: list[Any] = [
