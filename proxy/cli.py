@@ -287,7 +287,7 @@ def _shown_url(url: str) -> str:
 
 def _key_fields(args: argparse.Namespace) -> dict[str, Any]:
     """`keys create|update` flags as Keyring arguments, checked as the admin API checks them."""
-    from proxy.admin import parse_key_fields
+    from proxy.key_fields import parse_key_fields
 
     payload: dict[str, Any] = {}
     if args.name is not None:

@@ -41,7 +41,6 @@ ENV_VARIABLES: dict[str, str] = {
     "TOLLGATE_PORT": "listen port for serve (flag --port)",
     "TOLLGATE_WORKERS": "worker processes for serve (flag --workers)",
 }
-REQUIRED_FOR_SERVE = ("TOLLGATE_UPSTREAM_URL",)
 
 
 class ConfigError(ValueError):

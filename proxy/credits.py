@@ -37,7 +37,7 @@ class PriceTable:
             return 0
         scaled = prompt_tokens * price.input_micros_per_m
         scaled += completion_tokens * price.output_micros_per_m
-        return -(-scaled // 1_000_000)
+        return -(-scaled // MICROS_PER_USD)
 
 
 def usd_to_micros(amount: float | int) -> int:

@@ -1,0 +1,104 @@
+"""The fields of a key record as operators send them, checked alike for the admin API and
+the CLI: limits, balance, allowed models, metadata and name, each bounded (400 naming it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from proxy.credits import usd_to_micros
+from proxy.errors import InvalidRequest
+from proxy.keys import LIMIT_FIELDS, MAX_BALANCE_USD
+from proxy.validation import MAX_MODEL_CHARS
+
+# Limits stay far below 2**53, where the Lua scripts' numbers would stop being exact.
+MAX_LIMIT = 10**12
+MAX_NAME_CHARS = 200
+MAX_METADATA_BYTES = 16 * 1024  # serialized as stored
+MAX_MODELS = 1_000
+
+
+def _nonneg_int(field: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LIMIT:
+        raise InvalidRequest(
+            f"{field} must be an integer from 0 to {MAX_LIMIT}, or null", param=field
+        )
+    return value
+
+
+def usd_amount(field: str, value: object) -> int:
+    """A USD number within the balance bound, in micro-dollars."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or abs(value) > MAX_BALANCE_USD
+    ):
+        raise InvalidRequest(
+            f"{field} must be a number of USD from -{MAX_BALANCE_USD:,} to {MAX_BALANCE_USD:,}",
+            param=field,
+        )
+    return usd_to_micros(value)
+
+
+def _models(value: object) -> list[str] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_MODELS
+        or not all(
+            isinstance(m, str) and 0 < len(m) <= MAX_MODEL_CHARS and "\n" not in m for m in value
+        )
+    ):
+        raise InvalidRequest(
+            f"allowed_models must be null or a list of at most {MAX_MODELS} model names of "
+            f"1 to {MAX_MODEL_CHARS} characters on one line",
+            param="allowed_models",
+        )
+    return value or None
+
+
+def _metadata(value: object) -> dict[str, Any]:
+    metadata = value or {}
+    if not isinstance(metadata, dict):
+        raise InvalidRequest("metadata must be an object", param="metadata")
+    if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
+        raise InvalidRequest(
+            f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON", param="metadata"
+        )
+    return metadata
+
+
+def parse_key_fields(payload: dict[str, Any], *, creating: bool) -> dict[str, Any]:
+    """Check a create/update payload; returns Keyring keyword arguments."""
+    known = {"name", "credits", "allowed_models", "metadata", *LIMIT_FIELDS}
+    unknown = sorted(set(payload) - known)
+    if unknown:
+        raise InvalidRequest(f"unknown field {unknown[0]!r}", param=unknown[0])
+    out: dict[str, Any] = {}
+    name = payload.get("name")
+    if creating or "name" in payload:
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS:
+            raise InvalidRequest(
+                f"name must be a non-empty string of at most {MAX_NAME_CHARS} characters",
+                param="name",
+            )
+        out["name"] = name
+    limits = {f: _nonneg_int(f, payload.get(f)) for f in LIMIT_FIELDS if f in payload}
+    if creating or limits:
+        out["limits"] = limits
+    if "allowed_models" in payload or creating:
+        out["allowed_models"] = _models(payload.get("allowed_models"))
+    if "metadata" in payload or creating:
+        out["metadata"] = _metadata(payload.get("metadata"))
+    if creating:
+        credits = payload.get("credits")
+        out["credits_micros"] = None if credits is None else usd_amount("credits", credits)
+    elif "credits" in payload:
+        raise InvalidRequest("change credits with POST /admin/keys/{id}/credits", param="credits")
+    return out
