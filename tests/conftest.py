@@ -17,8 +17,7 @@ from proxy.config import Settings
 from proxy.gateway import Gateway
 from proxy.mock_upstream import MockState, create_mock_upstream
 from proxy.store import Store, embedded_client
-
-ADMIN_TOKEN = "test-admin-token-0123456789"
+from tests.servers import ADMIN_TOKEN
 
 
 @pytest.fixture

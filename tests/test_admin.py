@@ -16,7 +16,8 @@ import pytest
 
 from proxy.config import Settings
 from proxy.errors import InvalidRequest
-from tests.conftest import ADMIN_TOKEN, Harness
+from tests.conftest import Harness
+from tests.servers import ADMIN_TOKEN
 
 HarnessFactory = Callable[..., AbstractContextManager[Harness]]
 KEY_FORMAT = re.compile(r"^sk-tg-([0-9a-f]{16})_[A-Za-z0-9_-]{43}$")
