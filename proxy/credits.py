@@ -11,6 +11,7 @@ from importlib import resources
 from typing import Any
 
 MICROS_PER_USD = 1_000_000
+TOKENS_PER_PRICE = 1_000_000  # prices are per million tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +38,7 @@ class PriceTable:
             return 0
         scaled = prompt_tokens * price.input_micros_per_m
         scaled += completion_tokens * price.output_micros_per_m
-        return -(-scaled // MICROS_PER_USD)
+        return -(-scaled // TOKENS_PER_PRICE)
 
 
 def usd_to_micros(amount: float | int) -> int:
