@@ -1,12 +1,15 @@
 """Shared fixtures: settings, the in-process store (fakeredis with Lua), the mock upstream
-(in-process for unit tests) and a client for the app; real servers come from tests/servers.py.
+(in-process for unit tests), a client for the app and a key on it; real servers come from
+tests/servers.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -18,6 +21,15 @@ from proxy.gateway import Gateway
 from proxy.mock_upstream import MockState, create_mock_upstream
 from proxy.store import Store, embedded_client
 from tests.servers import ADMIN_TOKEN
+
+HELLO: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}
+# What the app's upstream hop talks to: the in-process mock upstream, the real transport (to
+# settings.upstream_url) or a transport of the test's own (an httpx.MockTransport handler).
+Upstream = Literal["mock", "real"] | httpx.AsyncBaseTransport
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
 
 
 @pytest.fixture
@@ -62,6 +74,19 @@ class Harness:
         record: dict[str, Any] = response.json()
         return record
 
+    def key_usage(self, key_id: str) -> dict[str, Any]:
+        """The key's usage by model over the default window."""
+        response = self.admin("GET", f"/admin/keys/{key_id}/usage?group_by=model")
+        assert response.status_code == 200, response.text
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    def export(self) -> list[dict[str, Any]]:
+        """Every usage record of the default window."""
+        response = self.admin("GET", "/admin/usage/export")
+        assert response.status_code == 200, response.text
+        return [json.loads(line) for line in response.text.splitlines() if line]
+
     def chat(self, key: str, body: dict[str, Any] | None = None, **kwargs: Any) -> httpx.Response:
         payload = body if body is not None else {
             "model": "gpt-4o-mini",
@@ -71,8 +96,16 @@ class Harness:
         return self.client.post("/v1/chat/completions", json=payload, headers=headers, **kwargs)
 
 
-def make_harness(settings: Settings, mock_state: MockState) -> Iterator[Harness]:
-    transport = httpx.ASGITransport(app=create_mock_upstream(mock_state))
+def make_harness(
+    settings: Settings, mock_state: MockState, upstream: Upstream = "mock"
+) -> Iterator[Harness]:
+    transport: httpx.AsyncBaseTransport | None
+    if isinstance(upstream, httpx.AsyncBaseTransport):
+        transport = upstream
+    elif upstream == "real":
+        transport = None  # the app builds its own
+    else:
+        transport = httpx.ASGITransport(app=create_mock_upstream(mock_state))
     store = Store(embedded_client())
     app = create_app(settings, store=store, transport=transport)
     with TestClient(app, raise_server_exceptions=False) as client:
@@ -84,16 +117,26 @@ def harness(settings: Settings, mock_state: MockState) -> Iterator[Harness]:
     yield from make_harness(settings, mock_state)
 
 
+HarnessFactory = Callable[..., AbstractContextManager[Harness]]
+
+
 @pytest.fixture
-def harness_factory(mock_state: MockState) -> Any:
-    """For tests that need other settings: `with harness_factory(settings, **changes) as h`."""
-    from contextlib import contextmanager
+def harness_factory(mock_state: MockState) -> HarnessFactory:
+    """For tests that need other settings or another upstream:
+    `with harness_factory(settings, upstream=httpx.MockTransport(handler), **changes) as h`."""
 
     @contextmanager
-    def build(base: Settings, **changes: Any) -> Iterator[Harness]:
-        yield from make_harness(replace(base, **changes), mock_state)
+    def build(base: Settings, *, upstream: Upstream = "mock", **changes: Any) -> Iterator[Harness]:
+        yield from make_harness(replace(base, **changes), mock_state, upstream)
 
     return build
+
+
+@pytest.fixture
+def key(harness: Harness) -> str:
+    """The secret of a fresh key without limits or balance on `harness`."""
+    secret: str = harness.create_key()["key"]
+    return secret
 
 
 @pytest.fixture

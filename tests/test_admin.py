@@ -6,8 +6,7 @@ import asyncio
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,10 +15,9 @@ import pytest
 
 from proxy.config import Settings
 from proxy.errors import InvalidRequest
-from tests.conftest import Harness
+from tests.conftest import HELLO, Harness, HarnessFactory
 from tests.servers import ADMIN_TOKEN
 
-HarnessFactory = Callable[..., AbstractContextManager[Harness]]
 KEY_FORMAT = re.compile(r"^sk-tg-([0-9a-f]{16})_[A-Za-z0-9_-]{43}$")
 RECORD_FIELDS = {
     "id",
@@ -34,7 +32,6 @@ RECORD_FIELDS = {
     "created_at",
     "revoked",
 }
-HELLO: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}
 ADMIN_ROUTES = [
     ("POST", "/admin/keys"),
     ("GET", "/admin/keys"),
