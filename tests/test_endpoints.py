@@ -239,101 +239,6 @@ def test_models_aliases_answer_alike(harness: Harness, key: str, prefix: str) ->
 # --- what goes upstream and what comes back ----------------------------------------------------
 
 
-def test_client_key_never_reaches_upstream(harness: Harness, key: str) -> None:
-    response = harness.chat(key, HELLO, headers={"x-api-key": key, "api-key": key})
-    assert response.status_code == 200
-    upstream = harness.mock.requests[-1]["headers"]
-    assert upstream["authorization"] == "Bearer sk-upstream-secret"
-    assert "x-api-key" not in upstream
-    assert "api-key" not in upstream
-    assert all(key not in value for value in upstream.values())
-
-
-def test_no_upstream_key_configured_sends_no_authorization(
-    harness_factory: HarnessFactory, settings: Settings
-) -> None:
-    with harness_factory(settings, upstream_api_key=None) as harness:
-        key = harness.create_key()["key"]
-        assert harness.chat(key, HELLO).status_code == 200
-        upstream = harness.mock.requests[-1]["headers"]
-        assert "authorization" not in upstream
-        assert all(key not in value for value in upstream.values())
-
-
-def test_only_allowlisted_client_headers_go_upstream(harness: Harness, key: str) -> None:
-    headers = {
-        "connection": "keep-alive, x-hop-secret",
-        "x-hop-secret": "for-this-hop-only",
-        "keep-alive": "timeout=5",
-        "te": "trailers",
-        "trailer": "x-checksum",
-        "upgrade": "h2c",
-        "proxy-authorization": "Basic cHJveHk6cGFzcw==",
-        "proxy-connection": "keep-alive",
-        "cookie": "session=abc",
-        "x-custom-header": "not forwarded",
-        "openai-organization": "org-of-the-client",
-        "openai-project": "proj-of-the-client",
-        "x-forwarded-for": "10.0.0.1",
-        "forwarded": "for=10.0.0.1",
-        "x-stainless-lang": "python",
-        "openai-beta": "assistants=v2",
-        "user-agent": "OpenAI/Python 9.9",
-    }
-    response = harness.chat(key, HELLO, headers=headers)
-    assert response.status_code == 200, response.text
-    upstream = harness.mock.requests[-1]["headers"]
-    sent_names = {name.lower() for name in headers}
-    assert sent_names & set(upstream) == {"openai-beta", "user-agent"}
-    assert upstream["openai-beta"] == "assistants=v2"
-    assert upstream["user-agent"] == "OpenAI/Python 9.9"
-    assert "x-hop-secret" not in upstream.get("connection", "")
-    for name in ("openai-organization", "openai-project", "x-forwarded-for", "x-custom-header"):
-        assert name not in upstream, name
-    assert upstream["accept-encoding"] == "identity"
-
-
-def test_operator_listed_headers_are_forwarded_too(
-    harness_factory: HarnessFactory, settings: Settings
-) -> None:
-    with harness_factory(settings, forward_headers=("x-gateway-route",)) as harness:
-        key = harness.create_key()["key"]
-        headers = {"x-gateway-route": "eu", "x-other": "no"}
-        assert harness.chat(key, HELLO, headers=headers).status_code == 200
-        upstream = harness.mock.requests[-1]["headers"]
-        assert upstream["x-gateway-route"] == "eu"
-        assert "x-other" not in upstream
-
-
-def test_upstream_ratelimit_headers_are_replaced_by_tollgates(settings: Settings) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        headers = {
-            "x-ratelimit-limit-requests": "10000",
-            "x-ratelimit-remaining-requests": "9999",
-            "x-ratelimit-reset-requests": "6ms",
-            "x-ratelimit-limit-tokens": "30000000",
-            "x-ratelimit-remaining-tokens": "29999990",
-            "x-ratelimit-reset-tokens": "0s",
-            "ratelimit-policy": '"upstream";q=1;w=1',
-            "openai-processing-ms": "123",
-        }
-        return httpx.Response(200, json=completion(), headers=headers)
-
-    with app_client(settings, httpx.MockTransport(handler)) as client:
-        unlimited = client.post("/v1/chat/completions", json=HELLO, headers=bearer(new_key(client)))
-        assert unlimited.status_code == 200
-        assert not [h for h in unlimited.headers if h.startswith(("x-ratelimit-", "ratelimit"))]
-        assert unlimited.headers["openai-processing-ms"] == "123"
-
-        limited_key = new_key(client, rpm=60, tpm=100_000)
-        limited = client.post("/v1/chat/completions", json=HELLO, headers=bearer(limited_key))
-        assert limited.status_code == 200
-        assert limited.headers.get_list("x-ratelimit-limit-requests") == ["60"]
-        assert limited.headers.get_list("x-ratelimit-remaining-requests") == ["59"]
-        assert limited.headers.get_list("x-ratelimit-limit-tokens") == ["100000"]
-        assert '"upstream"' not in limited.headers["ratelimit-policy"]
-
-
 def test_upstream_response_body_comes_back_byte_for_byte(settings: Settings) -> None:
     raw = (
         b'{"id":"x",  "object":"chat.completion","choices":[],\n'
@@ -532,33 +437,6 @@ def test_default_settings_have_the_3_minute_limit(settings: Settings) -> None:
     )
 
 
-def test_upstream_unreachable_is_502(settings: Settings) -> None:
-    unreachable = replace(settings, upstream_url=f"http://127.0.0.1:{closed_port()}/v1")
-    with app_client(unreachable) as client:
-        key = new_key(client)
-        response = client.post("/v1/chat/completions", json=HELLO, headers=bearer(key))
-        assert_error(response, 502, "upstream_error")
-        streamed = client.post(
-            "/v1/chat/completions", json={**HELLO, "stream": True}, headers=bearer(key)
-        )
-        assert_error(streamed, 502, "upstream_error")
-        assert_error(client.get("/v1/models", headers=bearer(key)), 502, "upstream_error")
-        embeddings = client.post(
-            "/v1/embeddings", json={"model": "m", "input": "x"}, headers=bearer(key)
-        )
-        assert_error(embeddings, 502, "upstream_error")
-        assert client.get("/healthz").status_code == 200
-
-
-def test_upstream_connection_error_is_502(settings: Settings) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused", request=request)
-
-    with app_client(settings, httpx.MockTransport(handler)) as client:
-        response = client.post("/v1/chat/completions", json=HELLO, headers=bearer(new_key(client)))
-        assert_error(response, 502, "upstream_error")
-
-
 # --- models ------------------------------------------------------------------------------------
 
 
@@ -695,19 +573,6 @@ def test_listed_passthrough_paths_reach_the_upstream_and_nothing_else(
         "/v1/moderations",
         "/v1/audio/speech",
     ]
-
-
-def test_upstream_redirect_is_502_and_never_shows_its_location(settings: Settings) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(307, headers={"location": "http://10.1.2.3:9000/internal/v1/x"})
-
-    with app_client(settings, httpx.MockTransport(handler)) as client:
-        key = new_key(client)
-        for path, body in (("/v1/chat/completions", HELLO), ("/v1/embeddings", {"input": "x"})):
-            response = client.post(path, json=body, headers=bearer(key))
-            assert_error(response, 502, "upstream_error")
-            assert "location" not in response.headers
-            assert "10.1.2.3" not in response.text
 
 
 @pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/completions", "/v1/responses"])
