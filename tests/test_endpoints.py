@@ -240,29 +240,4 @@ def test_passthrough_body_over_max_body_bytes_is_413(
 # --- health and metrics ------------------------------------------------------------------------
 
 
-def test_metrics_never_show_a_secret(harness: Harness, key: str) -> None:
-    harness.chat(key, HELLO)
-    harness.chat(key, {**HELLO, "model": "mock-error"})
-    text = harness.client.get("/metrics").text
-    assert key not in text
-    assert key.split("_", 1)[1] not in text
-
-
 # --- bad input never becomes a 500 -------------------------------------------------------------
-
-
-def test_requests_refused_before_admission_are_counted_by_status(harness: Harness) -> None:
-    key = harness.create_key(rpm=1)["key"]
-    assert harness.chat(key, {"model": "gpt-4o-mini", "messages": []}).status_code == 400
-    assert harness.chat("sk-tg-nonsense").status_code == 401
-    assert harness.chat(key).status_code == 200
-    assert harness.chat(key).status_code == 429
-    text = harness.client.get("/metrics").text
-    for status, key_name in (("400", ""), ("401", ""), ("200", "test"), ("429", "test")):
-        assert any(
-            sample.startswith("tollgate_requests_total{")
-            and f'status="{status}"' in sample
-            and f'key="{key_name}"' in sample
-            and sample.endswith(" 1.0")
-            for sample in text.splitlines()
-        ), status
