@@ -199,12 +199,12 @@ class Lifecycle:
         """Before the head: a JSON error with the rate-limit headers; after it, one final SSE
         `data: {"error": ...}` event and a clean end."""
         if self.started:
-            event = {"type": "http.response.body", "body": error.sse_event(), "more_body": False}
-            await send(event)
+            event = self.surface.error_event(error)
+            await send({"type": "http.response.body", "body": event, "more_body": False})
             return None
         headers = [(k.encode(), v.encode()) for k, v in error.headers.items()]
         headers += [_JSON, *rate_limit_headers(self.decision)]
-        return Answer(error.status_code, headers, error.json_bytes())
+        return Answer(error.status_code, headers, self.surface.error_body(error))
 
     async def _cut_short(self, send: Send) -> None:
         """At the server's shutdown deadline: a stream ends with an error event."""
@@ -212,9 +212,8 @@ class Lifecycle:
         self.status = ending.status_code
         if self.started:
             with contextlib.suppress(Exception):
-                await send(
-                    {"type": "http.response.body", "body": ending.sse_event(), "more_body": False}
-                )
+                event = self.surface.error_event(ending)
+                await send({"type": "http.response.body", "body": event, "more_body": False})
 
     def _final_usage(self) -> Usage:
         if self.usage is not None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from proxy.config import Settings
+from proxy.errors import ProxyError
 from proxy.metering import StreamMeter, Usage
 
 
@@ -46,3 +47,22 @@ class Surface(Protocol):
     def stream_meter(self) -> StreamMeter:
         """A meter that finds usage in this surface's SSE events as they pass."""
         ...
+
+    def error_body(self, error: ProxyError) -> bytes:
+        """An error answer in this API's shape (before any byte of the answer went out)."""
+        ...
+
+    def error_event(self, error: ProxyError) -> bytes:
+        """The one SSE event that ends a stream of this API which failed midway."""
+        ...
+
+
+class OpenAIErrors:
+    """OpenAI's error shape: `{"error": {message, type, param, code}}`, and as the last SSE
+    event `data: {"error": ...}` (which the OpenAI SDKs raise)."""
+
+    def error_body(self, error: ProxyError) -> bytes:
+        return error.json_bytes()
+
+    def error_event(self, error: ProxyError) -> bytes:
+        return error.sse_event()

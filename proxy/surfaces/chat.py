@@ -18,7 +18,7 @@ from proxy.metering import (
     max_completion_tokens,
     usage_from_body,
 )
-from proxy.surfaces.base import Parsed
+from proxy.surfaces.base import OpenAIErrors, Parsed
 from proxy.validation import json_object_or_none, parse_json_object, validate_chat
 
 _USAGE_OPTION = b'"stream_options":{"include_usage":true},'
@@ -39,7 +39,7 @@ def with_usage_option(raw: bytes, body: dict[str, Any]) -> bytes:
     return json.dumps(body).encode()
 
 
-class ChatCompletions:
+class ChatCompletions(OpenAIErrors):
     route = "chat_completions"
 
     def parse(self, raw: bytes, settings: Settings) -> Parsed:

@@ -10,13 +10,13 @@ from __future__ import annotations
 from proxy.config import Settings
 from proxy.errors import InvalidRequest
 from proxy.metering import StreamMeter, Usage, usage_from_body
-from proxy.surfaces.base import Parsed
+from proxy.surfaces.base import OpenAIErrors, Parsed
 from proxy.validation import MAX_MODEL_CHARS, is_utf8, json_object_or_none
 
 UNKNOWN_MODEL = "-"
 
 
-class Passthrough:
+class Passthrough(OpenAIErrors):
     route = "passthrough"
 
     def parse(self, raw: bytes, settings: Settings) -> Parsed:
