@@ -3,36 +3,31 @@ estimated record and releases the reservation and the concurrency slot."""
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any
 
 import httpx
 
 from proxy.sweeper import SWEPT_STATUS
-from tests.servers import RedisServer, mock_upstream_server, proxy_server, wait_for
-
-ADMIN = "crash-admin-token"
+from tests.admin_client import Admin
+from tests.servers import RedisServer, mock_upstream_server, proxy_server, tollgate_env, wait_for
 
 
 def test_killed_proxy_leaves_one_estimated_record_and_no_reservation(
     real_redis: RedisServer,
 ) -> None:
     with mock_upstream_server() as upstream:
-        env = {
-            "TOLLGATE_REDIS_URL": real_redis.url,
-            "TOLLGATE_UPSTREAM_URL": upstream,
-            "TOLLGATE_ADMIN_TOKEN": ADMIN,
-            "TOLLGATE_UPSTREAM_TIMEOUT": "3",  # lease 13 s, a sweep every 6.5 s
-            "TOLLGATE_LOG_LEVEL": "warning",
-        }
-        admin = {"authorization": f"Bearer {ADMIN}"}
-        with proxy_server(env=env) as doomed, proxy_server(env=env) as survivor:
-            record = httpx.post(
-                survivor.url + "/admin/keys",
-                json={"name": "crash", "credits": 1.0, "max_concurrency": 1},
-                headers=admin,
-            ).json()
+        env = tollgate_env(
+            redis_url=real_redis.url,
+            upstream_url=upstream,
+            TOLLGATE_UPSTREAM_TIMEOUT="3",  # lease 13 s, a sweep every 6.5 s
+        )
+        with (
+            proxy_server(env=env) as doomed,
+            proxy_server(env=env) as survivor,
+            Admin(survivor.url) as admin,
+        ):
+            record = admin.create_key(name="crash", credits=1.0, max_concurrency=1)
             first_chunk = threading.Event()
             seen: dict[str, Any] = {}
 
@@ -52,16 +47,13 @@ def test_killed_proxy_leaves_one_estimated_record_and_no_reservation(
             reader = threading.Thread(target=stream)
             reader.start()
             assert first_chunk.wait(15)
-            shown = httpx.get(f"{survivor.url}/admin/keys/{record['id']}", headers=admin).json()
+            shown = admin.key(record["id"])
             assert shown["reserved_credits"] > 0
             doomed.kill()
             reader.join(15)
 
             def records() -> list[dict[str, Any]]:
-                text = httpx.get(
-                    survivor.url + "/admin/usage/export", params={"since": "0"}, headers=admin
-                ).text
-                return [json.loads(line) for line in text.splitlines()]
+                return admin.export(since=0)
 
             wait_for(
                 lambda: any(r["request_id"] == seen["request_id"] for r in records()),
@@ -74,7 +66,7 @@ def test_killed_proxy_leaves_one_estimated_record_and_no_reservation(
             assert mine[0]["model"] == "mock-gated"
             assert mine[0]["status"] == SWEPT_STATUS
             assert mine[0]["prompt_tokens"] > 0
-            after = httpx.get(f"{survivor.url}/admin/keys/{record['id']}", headers=admin).json()
+            after = admin.key(record["id"])
             assert after["reserved_credits"] == 0
             assert after["credits"] == round(1.0 - mine[0]["cost_usd"], 6)
             # The concurrency slot is free again.

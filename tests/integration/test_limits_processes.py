@@ -4,7 +4,6 @@ driven concurrently over HTTP and with the official OpenAI SDK."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,44 +13,19 @@ import pytest
 
 from proxy.credits import load_prices
 from proxy.metering import estimate_prompt_tokens
-from tests.servers import ProxyServer, mock_upstream_server, proxy_server
+from tests.admin_client import Admin
+from tests.servers import ProxyServer, mock_upstream_server, proxy_server, tollgate_env
 
-ADMIN = "limits-admin-token"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}
 
 
 class Pair:
-    """Two proxies over one store, and the mock upstream behind them."""
+    """Two proxies over one store, their admin APIs, and the mock upstream behind them."""
 
-    def __init__(self, proxies: list[ProxyServer], upstream: str) -> None:
+    def __init__(self, proxies: list[ProxyServer], admins: list[Admin], upstream: str) -> None:
         self.proxies = proxies
+        self.admins = admins
         self.upstream_root = upstream.removesuffix("/v1")
-
-    def create_key(self, **fields: Any) -> dict[str, Any]:
-        response = httpx.post(
-            self.proxies[0].url + "/admin/keys",
-            json={"name": "limits", **fields},
-            headers={"authorization": f"Bearer {ADMIN}"},
-        )
-        assert response.status_code == 201, response.text
-        record: dict[str, Any] = response.json()
-        return record
-
-    def show(self, key_id: str) -> dict[str, Any]:
-        response = httpx.get(
-            f"{self.proxies[1].url}/admin/keys/{key_id}",
-            headers={"authorization": f"Bearer {ADMIN}"},
-        )
-        record: dict[str, Any] = response.json()
-        return record
-
-    def export(self) -> list[dict[str, Any]]:
-        response = httpx.get(
-            self.proxies[0].url + "/admin/usage/export",
-            params={"since": "0"},
-            headers={"authorization": f"Bearer {ADMIN}"},
-        )
-        return [json.loads(line) for line in response.text.splitlines()]
 
     async def burst(
         self, key: str, count: int, body: dict[str, Any] | None = None
@@ -74,26 +48,25 @@ class Pair:
 @pytest.fixture(scope="module", params=["redis", "cluster"])
 def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     if request.param == "redis":
-        store_env = {"TOLLGATE_REDIS_URL": request.getfixturevalue("real_redis").url}
+        redis_url: str = request.getfixturevalue("real_redis").url
+        cluster: dict[str, str] = {}
     else:
         node = request.getfixturevalue("real_cluster")[0]
-        store_env = {
-            "TOLLGATE_REDIS_URL": f"redis://127.0.0.1:{node.port}",
-            "TOLLGATE_REDIS_CLUSTER": "true",
-        }
+        redis_url = f"redis://127.0.0.1:{node.port}"
+        cluster = {"TOLLGATE_REDIS_CLUSTER": "true"}
     with mock_upstream_server() as upstream:
-        env = {
-            **store_env,
-            "TOLLGATE_UPSTREAM_URL": upstream,
-            "TOLLGATE_ADMIN_TOKEN": ADMIN,
-            "TOLLGATE_LOG_LEVEL": "warning",
-        }
-        with proxy_server(env=env) as first, proxy_server(env=env) as second:
-            yield Pair([first, second], upstream)
+        env = tollgate_env(redis_url=redis_url, upstream_url=upstream, **cluster)
+        with (
+            proxy_server(env=env) as first,
+            proxy_server(env=env) as second,
+            Admin(first.url) as first_admin,
+            Admin(second.url) as second_admin,
+        ):
+            yield Pair([first, second], [first_admin, second_admin], upstream)
 
 
 def test_fifty_concurrent_requests_on_two_processes_admit_exactly_rpm(pair: Pair) -> None:
-    key = pair.create_key(rpm=10)["key"]
+    key = pair.admins[0].create_key(name="limits", rpm=10)["key"]
     responses = asyncio.run(pair.burst(key, 50))
     statuses = [r.status_code for r in responses]
     assert statuses.count(200) == 10
@@ -110,7 +83,7 @@ def test_racing_requests_never_overdraw_credits(pair: Pair) -> None:
     prices = load_prices(None)
     reservation = prices.cost_micros("gpt-4o-mini", estimate_prompt_tokens(body), 1000)
     credits_micros = 5 * reservation + reservation // 2
-    record = pair.create_key(credits=credits_micros / 1_000_000)
+    record = pair.admins[0].create_key(name="limits", credits=credits_micros / 1_000_000)
     responses = asyncio.run(pair.burst(record["key"], 40, body))
     served = [r for r in responses if r.status_code == 200]
     refused = [r for r in responses if r.status_code == 402]
@@ -118,19 +91,21 @@ def test_racing_requests_never_overdraw_credits(pair: Pair) -> None:
     assert len(served) >= 5
     assert refused[0].json()["error"]["type"] == "insufficient_credits"
     assert refused[0].headers["x-should-retry"] == "false"
-    after = pair.show(record["id"])
+    after = pair.admins[1].key(record["id"])
     assert after["reserved_credits"] == 0
     assert after["credits"] >= 0
     ids = {r.headers["x-request-id"] for r in served}
     charged = sum(
-        round(rec["cost_usd"] * 1_000_000) for rec in pair.export() if rec["request_id"] in ids
+        round(rec["cost_usd"] * 1_000_000)
+        for rec in pair.admins[0].export(since=0)
+        if rec["request_id"] in ids
     )
     assert round(after["credits"] * 1_000_000) == credits_micros - charged
 
 
 def test_concurrency_limit_holds_streams_across_processes(pair: Pair) -> None:
     httpx.post(pair.upstream_root + "/_mock/reset")
-    key = pair.create_key(max_concurrency=2)["key"]
+    key = pair.admins[0].create_key(name="limits", max_concurrency=2)["key"]
     body = {**BODY, "model": "mock-slow", "stream": True}
     responses = asyncio.run(pair.burst(key, 6, body))
     statuses = sorted(r.status_code for r in responses)
@@ -144,7 +119,7 @@ def test_concurrency_limit_holds_streams_across_processes(pair: Pair) -> None:
 
 
 def test_sdk_retries_after_429_using_the_retry_headers_and_succeeds(pair: Pair) -> None:
-    key = pair.create_key(rpm=20, name="sdk-retry")["key"]  # one request every 3 s
+    key = pair.admins[0].create_key(name="sdk-retry", rpm=20)["key"]  # one request every 3 s
     statuses = [r.status_code for r in asyncio.run(pair.burst(key, 22))]
     assert statuses.count(429) == 2
     client = openai.OpenAI(base_url=pair.proxies[0].url + "/v1", api_key=key, max_retries=4)
@@ -156,7 +131,7 @@ def test_sdk_retries_after_429_using_the_retry_headers_and_succeeds(pair: Pair) 
 
 
 def test_sdk_without_retries_sees_rate_limit_error(pair: Pair) -> None:
-    key = pair.create_key(rpm=1)["key"]
+    key = pair.admins[0].create_key(name="limits", rpm=1)["key"]
     client = openai.OpenAI(base_url=pair.proxies[1].url + "/v1", api_key=key, max_retries=0)
     with client:
         client.chat.completions.create(**BODY)  # type: ignore[call-overload]

@@ -28,18 +28,20 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.credits import load_prices
+from tests.admin_client import Admin
 from tests.deploy.files import DASHBOARD, DEPLOY, load_json, load_yaml
 from tests.deploy.tools import tool
 from tests.servers import (
+    ADMIN_TOKEN,
+    UPSTREAM_KEY,
     free_port,
     mock_upstream_server,
     proxy_server,
     redis_server,
+    tollgate_env,
     wait_for,
 )
 
-ADMIN_TOKEN = "prometheus-live-admin-token-0123456789"
-UPSTREAM_KEY = "sk-upstream-prometheus-live-secret"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 MODEL = "gpt-4o-mini"
 MESSAGES = [{"role": "user", "content": "Say hello"}]
@@ -253,29 +255,20 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     tmp = tmp_path_factory.mktemp("prometheus-live")
     metrics_dir = tmp / "metrics"
     with redis_server() as redis, mock_upstream_server() as upstream:
-        env = {
-            "TOLLGATE_REDIS_URL": redis.url,
-            "TOLLGATE_UPSTREAM_URL": upstream,
-            "TOLLGATE_UPSTREAM_API_KEY": UPSTREAM_KEY,
-            "TOLLGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-            "TOLLGATE_SPOOL_DIR": str(tmp / "spool"),
-            "TOLLGATE_LOG_LEVEL": "warning",
-            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-        }
+        env = tollgate_env(
+            redis_url=redis.url,
+            upstream_url=upstream,
+            spool_dir=tmp / "spool",
+            PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+        )
         args = ["serve", "--host", "127.0.0.1", "--port", "{port}", "--workers", "2"]
         with proxy_server(env=env, args=args, ready_path="/readyz") as proxy:
-            admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
-            keys = {}
-            for name, fields in (
-                ("live-plain", {}),
-                ("live-limited", {"rpm": 2}),
-                ("live-broke", {"credits": 0.0001}),
-            ):
-                response = httpx.post(
-                    f"{proxy.url}/admin/keys", json={"name": name, **fields}, headers=admin
-                )
-                assert response.status_code == 201, response.text
-                keys[name] = response.json()
+            with Admin(proxy.url) as admin:
+                keys = {
+                    "live-plain": admin.create_key(name="live-plain"),
+                    "live-limited": admin.create_key(name="live-limited", rpm=2),
+                    "live-broke": admin.create_key(name="live-broke", credits=0.0001),
+                }
             with _prometheus(tmp / "prometheus", f"127.0.0.1:{proxy.port}") as prometheus_url:
                 traffic = _drive_load(proxy.url, keys, metrics_dir)
                 secrets = [k["key"] for k in keys.values()] + [ADMIN_TOKEN, UPSTREAM_KEY]

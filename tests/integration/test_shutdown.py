@@ -20,16 +20,16 @@ import redis
 
 from proxy.mock_upstream import REPLY
 from proxy.store import usage_key
+from tests.admin_client import Admin
 from tests.servers import (
     ProxyServer,
     RedisServer,
     mock_upstream_server,
     proxy_server,
     redis_server,
+    tollgate_env,
     wait_for,
 )
-
-ADMIN_TOKEN = "shutdown-admin-token-0123456789"
 
 
 @dataclass
@@ -91,26 +91,12 @@ def upstream() -> Iterator[str]:
 
 
 def _env(store: RedisServer, upstream: str, spool: Path, timeout_s: int) -> Mapping[str, str]:
-    return {
-        "TOLLGATE_REDIS_URL": store.url,
-        "TOLLGATE_UPSTREAM_URL": upstream,
-        "TOLLGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-        "TOLLGATE_SPOOL_DIR": str(spool),
-        "TOLLGATE_SHUTDOWN_TIMEOUT": str(timeout_s),
-        "TOLLGATE_LOG_LEVEL": "warning",
-    }
-
-
-def _create_key(proxy: ProxyServer, name: str) -> dict[str, Any]:
-    response = httpx.post(
-        f"{proxy.url}/admin/keys",
-        json={"name": name},
-        headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
-        timeout=10,
+    return tollgate_env(
+        redis_url=store.url,
+        upstream_url=upstream,
+        spool_dir=spool,
+        TOLLGATE_SHUTDOWN_TIMEOUT=str(timeout_s),
     )
-    assert response.status_code == 201, response.text
-    record: dict[str, Any] = response.json()
-    return record
 
 
 def _refuses_new_requests(proxy: ProxyServer) -> bool:
@@ -139,7 +125,8 @@ def test_sigterm_lets_a_stream_finish_refuses_new_requests_and_exits_0(
     store: RedisServer, upstream: str, tmp_path: Path
 ) -> None:
     with proxy_server(env=_env(store, upstream, tmp_path / "spool", 30)) as proxy:
-        key = _create_key(proxy, "shutdown-drain")
+        with Admin(proxy.url) as admin:
+            key = admin.create_key(name="shutdown-drain")
         # mock-slow: 0.2 s per chunk, about 2.6 s for the whole answer.
         stream = _start_stream(proxy.url, key["key"], "mock-slow", "shutdown-drain-1")
         assert stream.first_chunk.wait(10) and stream.error is None, stream.error
@@ -173,7 +160,8 @@ def test_stream_outliving_the_shutdown_timeout_is_cut_off_and_still_metered_once
 ) -> None:
     spool = tmp_path / "spool"
     with proxy_server(env=_env(store, upstream, spool, 1)) as proxy:
-        key = _create_key(proxy, "shutdown-abandoned")
+        with Admin(proxy.url) as admin:
+            key = admin.create_key(name="shutdown-abandoned")
         # mock-gated: after its first chunk the upstream waits for a release that never comes.
         stream = _start_stream(proxy.url, key["key"], "mock-gated", "shutdown-abandoned-1")
         assert stream.first_chunk.wait(10) and stream.error is None, stream.error

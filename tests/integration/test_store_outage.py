@@ -3,44 +3,33 @@ keys it knows, usage waits in the spool and lands exactly once, and both recover
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.servers import ProxyServer, RedisServer, mock_upstream_server, proxy_server, wait_for
+from tests.admin_client import Admin
+from tests.servers import (
+    ProxyServer,
+    RedisServer,
+    mock_upstream_server,
+    proxy_server,
+    tollgate_env,
+    wait_for,
+)
 
-ADMIN = "outage-admin-token"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}
 
 
 class Outage:
-    def __init__(self, redis: RedisServer, closed: ProxyServer, open_: ProxyServer) -> None:
+    def __init__(
+        self, redis: RedisServer, closed: ProxyServer, open_: ProxyServer, admin: Admin
+    ) -> None:
         self.redis = redis
         self.closed = closed
         self.open = open_
-
-    def create_key(self, **fields: Any) -> dict[str, Any]:
-        response = httpx.post(
-            self.closed.url + "/admin/keys",
-            json={"name": "outage", **fields},
-            headers={"authorization": f"Bearer {ADMIN}"},
-        )
-        assert response.status_code == 201, response.text
-        record: dict[str, Any] = response.json()
-        return record
-
-    def export(self) -> list[dict[str, Any]]:
-        response = httpx.get(
-            self.closed.url + "/admin/usage/export",
-            params={"since": "0"},
-            headers={"authorization": f"Bearer {ADMIN}"},
-        )
-        assert response.status_code == 200
-        return [json.loads(line) for line in response.text.splitlines()]
+        self.admin = admin  # of the fail-closed proxy
 
 
 def chat(proxy: ProxyServer, key: str) -> httpx.Response:
@@ -58,23 +47,27 @@ def outage(tmp_path: Path) -> Iterator[Outage]:
     redis.start()
     try:
         with mock_upstream_server() as upstream:
-            env = {
-                "TOLLGATE_REDIS_URL": redis.url,
-                "TOLLGATE_UPSTREAM_URL": upstream,
-                "TOLLGATE_ADMIN_TOKEN": ADMIN,
-                "TOLLGATE_LOG_LEVEL": "warning",
-            }
-            closed_env = {**env, "TOLLGATE_SPOOL_DIR": str(tmp_path / "closed")}
-            open_env = {**env, "TOLLGATE_FAIL_MODE": "open",
-                        "TOLLGATE_SPOOL_DIR": str(tmp_path / "open")}  # fmt: skip
-            with proxy_server(env=closed_env) as closed, proxy_server(env=open_env) as open_:
-                yield Outage(redis, closed, open_)
+            closed_env = tollgate_env(
+                redis_url=redis.url, upstream_url=upstream, spool_dir=tmp_path / "closed"
+            )
+            open_env = tollgate_env(
+                redis_url=redis.url,
+                upstream_url=upstream,
+                spool_dir=tmp_path / "open",
+                TOLLGATE_FAIL_MODE="open",
+            )
+            with (
+                proxy_server(env=closed_env) as closed,
+                proxy_server(env=open_env) as open_,
+                Admin(closed.url) as admin,
+            ):
+                yield Outage(redis, closed, open_, admin)
     finally:
         redis.cleanup()
 
 
 def test_fail_closed_answers_503_and_recovers_when_redis_returns(outage: Outage) -> None:
-    key = outage.create_key(rpm=100)["key"]
+    key = outage.admin.create_key(name="outage", rpm=100)["key"]
     assert chat(outage.closed, key).status_code == 200
     outage.redis.stop()
     response = chat(outage.closed, key)
@@ -84,9 +77,8 @@ def test_fail_closed_answers_503_and_recovers_when_redis_returns(outage: Outage)
     # Still ready: a Redis outage must not take every replica out of the load balancer.
     assert httpx.get(outage.closed.url + "/readyz").status_code == 200
     assert httpx.get(outage.closed.url + "/healthz").status_code == 200
-    admin = {"authorization": f"Bearer {ADMIN}"}
     for path in ("/admin/keys", "/admin/keys/0123456789abcdef/usage", "/admin/usage/export"):
-        answer = httpx.get(outage.closed.url + path, headers=admin, timeout=20)
+        answer = outage.admin.client.get(path, timeout=20)
         assert answer.status_code == 503, (path, answer.text)
         assert answer.json()["error"]["type"] == "service_unavailable"
     outage.redis.start()
@@ -95,8 +87,8 @@ def test_fail_closed_answers_503_and_recovers_when_redis_returns(outage: Outage)
 
 
 def test_fail_open_admits_known_keys_refuses_unknown_and_spools_usage(outage: Outage) -> None:
-    known = outage.create_key(rpm=1000)["key"]
-    never_seen = outage.create_key(rpm=1000)["key"]
+    known = outage.admin.create_key(name="outage", rpm=1000)["key"]
+    never_seen = outage.admin.create_key(name="outage", rpm=1000)["key"]
     assert chat(outage.open, known).status_code == 200
     outage.redis.stop()
     during = [chat(outage.open, known) for _ in range(3)]
@@ -109,10 +101,10 @@ def test_fail_open_admits_known_keys_refuses_unknown_and_spools_usage(outage: Ou
     ids = {r.headers["x-request-id"] for r in during}
 
     def landed() -> bool:
-        return ids <= {record["request_id"] for record in outage.export()}
+        return ids <= {record["request_id"] for record in outage.admin.export(since=0)}
 
     wait_for(landed, timeout_s=30, what="spooled usage to be replayed")
-    records = [r for r in outage.export() if r["request_id"] in ids]
+    records = [r for r in outage.admin.export(since=0) if r["request_id"] in ids]
     assert len(records) == 3  # each exactly once
     assert all(r["usage_source"] == "upstream" and r["total_tokens"] > 0 for r in records)
     wait_for(
