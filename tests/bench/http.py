@@ -29,6 +29,7 @@ from typing import Any, cast
 import httpx
 import redis
 
+from tests.admin_client import Admin
 from tests.bench import litellm, procfs, pyspy, report
 from tests.bench.load import Load, run_wrk, wrk_binary
 from tests.bench.nginx import (
@@ -41,7 +42,7 @@ from tests.bench.nginx import (
     nginx_server,
     stream_events,
 )
-from tests.servers import REPO, ProxyServer, RedisServer, redis_server, wait_for
+from tests.servers import REPO, ProxyServer, RedisServer, redis_server, tollgate_env, wait_for
 
 TRAFFIC = ("json", "stream")
 CONNECTIONS = (1, 32)
@@ -52,7 +53,8 @@ TRIP_REQUESTS = 200  # requests per traffic type whose Redis commands MONITOR co
 BACKGROUND_TRIPS = 8
 DEFAULT_JSON = REPO / "tests" / "bench" / "results" / "http.json"
 DEFAULT_PROFILE = REPO / "tests" / "bench" / "results" / "http-profile.txt"
-ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
+# The fields of a key whose limits and credits never refuse: every check runs, none says no.
+UNLIMITED_KEY = {"rpm": 10**9, "tpm": 10**12, "max_concurrency": 10**6, "credits": 10**6}
 _LUA_CALL = re.compile(r"redis\.p?call\(\s*['\"](\w+)['\"]")
 _MESSAGES = [
     {"role": "system", "content": "You are a concise assistant. Answer in plain prose only, "
@@ -90,16 +92,14 @@ class Target:
 def _tollgate(
     directory: Path, *, upstream_url: str, redis_url: str, workers: int
 ) -> Iterator[ProxyServer]:
-    env = {
-        "TOLLGATE_UPSTREAM_URL": upstream_url,
-        "TOLLGATE_UPSTREAM_API_KEY": "sk-upstream-bench",
-        "TOLLGATE_REDIS_URL": redis_url,
-        "TOLLGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-        "TOLLGATE_LOG_LEVEL": "warning",
-        "TOLLGATE_SPOOL_DIR": str(directory / "spool"),
-        "TOLLGATE_SHUTDOWN_TIMEOUT": "5",
-        "TOLLGATE_FORWARD_HEADERS": "x-bench-stream,x-bench-slow",  # the mock upstream's switches
-    }
+    env = tollgate_env(
+        redis_url=redis_url,
+        upstream_url=upstream_url,
+        spool_dir=directory / "spool",
+        upstream_api_key="sk-upstream-bench",  # as LiteLLM's config sends it
+        TOLLGATE_SHUTDOWN_TIMEOUT="5",
+        TOLLGATE_FORWARD_HEADERS="x-bench-stream,x-bench-slow",  # the mock upstream's switches
+    )
     args = ["serve", "--host", "127.0.0.1", "--port", "{port}", "--workers", str(workers)]
     server = ProxyServer(env=env, args=args)
     # prometheus-client turns multiprocess mode on when the variable merely exists (even empty,
@@ -118,20 +118,6 @@ def _tollgate(
         server.stop()
         server.log.close()
         server.log_path.unlink(missing_ok=True)
-
-
-def _create_key(tollgate_url: str) -> str:
-    """A key whose limits and credits never refuse: every check runs, none says no."""
-    answer = httpx.post(
-        tollgate_url + "/admin/keys",
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-        json={"name": "bench", "rpm": 10**9, "tpm": 10**12, "max_concurrency": 10**6,
-              "credits": 10**6},
-        timeout=10,
-    )  # fmt: skip
-    answer.raise_for_status()
-    key: str = answer.json()["key"]
-    return key
 
 
 def _post(target: Target, traffic: str) -> tuple[int, bytes]:
@@ -363,7 +349,9 @@ def _targets(
                       workers=workers)
         )  # fmt: skip
         assert server.process is not None
-        key = key or _create_key(server.url)
+        if not key:
+            with Admin(server.url) as admin:
+                key = admin.create_key(name="bench", **UNLIMITED_KEY)["key"]
         url = server.url + "/v1/chat/completions"
         targets.append(Target(
             name=f"tollgate-{workers}w", urls=dict.fromkeys(TRAFFIC, url),

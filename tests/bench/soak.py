@@ -29,8 +29,9 @@ from typing import Any
 import httpx
 import redis
 
+from tests.admin_client import Admin
 from tests.bench import procfs, report
-from tests.bench.http import ADMIN_TOKEN, TRAFFIC, Target, check, request_body
+from tests.bench.http import TRAFFIC, UNLIMITED_KEY, Target, check, request_body
 from tests.bench.load import Load, run_wrk, wrk_binary
 from tests.bench.nginx import (
     STREAM_HEADER,
@@ -43,7 +44,7 @@ from tests.bench.nginx import (
 from tests.bench.probe import SAMPLE_EVERY_S, Probe, sampled
 from tests.bench.traffic import Request, Tally, hold_streams, offer_mixed
 from tests.bench.verdicts import RSS_GROWTH_LIMIT, SOCKET_SLACK, checks, kept, summary
-from tests.servers import REPO, ProxyServer, proxy_server, redis_server
+from tests.servers import REPO, ProxyServer, proxy_server, redis_server, tollgate_env
 
 DEFAULT_JSON = REPO / "tests" / "bench" / "results" / "soak.json"
 SLOW_HEADER = "X-Bench-Slow"  # its value: the bytes per second nginx sends the stream at
@@ -99,20 +100,6 @@ def _upstream(directory: Path) -> Iterator[Nginx]:
         if not _until(lambda: _slow_route_works(upstream), timeout_s=15):
             raise SoakError("nginx did not pick up the slow-stream rule after a reload")
         yield upstream
-
-
-def _create_key(tollgate_url: str) -> str:
-    """A key whose limits and credits never refuse (priced model: credits are reserved)."""
-    answer = httpx.post(
-        tollgate_url + "/admin/keys",
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-        json={"name": "soak", "rpm": 10**9, "tpm": 10**12, "max_concurrency": 10**6,
-              "credits": 10**6},
-        timeout=10, trust_env=False,
-    )  # fmt: skip
-    answer.raise_for_status()
-    key: str = answer.json()["key"]
-    return key
 
 
 def _self_cpu_s() -> float:
@@ -212,16 +199,14 @@ def _requests(url: str, key: str, slow_rate: int) -> dict[str, Request]:
 
 
 def _tollgate(stack: ExitStack, tmp: Path, upstream: Nginx, redis_url: str) -> ProxyServer:
-    env = {
-        "TOLLGATE_UPSTREAM_URL": upstream.url + "/v1",
-        "TOLLGATE_UPSTREAM_API_KEY": "sk-upstream-soak",
-        "TOLLGATE_REDIS_URL": redis_url,
-        "TOLLGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-        "TOLLGATE_LOG_LEVEL": "warning",
-        "TOLLGATE_SPOOL_DIR": str(tmp / "spool"),
-        "TOLLGATE_SHUTDOWN_TIMEOUT": "5",
-        "TOLLGATE_FORWARD_HEADERS": "x-bench-stream,x-bench-slow",  # the mock upstream's switches
-    }
+    env = tollgate_env(
+        redis_url=redis_url,
+        upstream_url=upstream.url + "/v1",
+        spool_dir=tmp / "spool",
+        upstream_api_key="sk-upstream-soak",
+        TOLLGATE_SHUTDOWN_TIMEOUT="5",
+        TOLLGATE_FORWARD_HEADERS="x-bench-stream,x-bench-slow",  # the mock upstream's switches
+    )
     args = ["serve", "--host", "127.0.0.1", "--port", "{port}", "--workers", "1"]
     return stack.enter_context(proxy_server(env=env, args=args))
 
@@ -263,7 +248,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         stack.callback(client.close)
         server = _tollgate(stack, tmp, upstream, rs.url)
         assert server.process is not None
-        key = _create_key(server.url)
+        with Admin(server.url, trust_env=False) as admin:  # priced model: credits are reserved
+            key = admin.create_key(name="soak", **UNLIMITED_KEY)["key"]
         url = server.url + "/v1/chat/completions"
         probe = Probe(root=server.process.pid, port=server.port, upstream_port=upstream.port,
                       redis_port=rs.port, metrics_url=server.url + "/metrics",
