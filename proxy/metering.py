@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 # About four characters of English text per token; plus per-message framing tokens.
 CHARS_PER_TOKEN = 4
@@ -34,7 +34,8 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-def _text_tokens(chars: int) -> int:
+def text_tokens(chars: int) -> int:
+    """Tokens in `chars` characters of text, rounded up (CHARS_PER_TOKEN, no tokenizer)."""
     return -(-chars // CHARS_PER_TOKEN)
 
 
@@ -63,7 +64,7 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     if tools is not None:
         chars += len(json.dumps(tools))
     count = len(messages) if isinstance(messages, list) else 0
-    return _text_tokens(chars) + count * TOKENS_PER_MESSAGE + images * TOKENS_PER_IMAGE + 3
+    return text_tokens(chars) + count * TOKENS_PER_MESSAGE + images * TOKENS_PER_IMAGE + 3
 
 
 def max_completion_tokens(body: dict[str, Any], default: int) -> int:
@@ -94,14 +95,27 @@ def usage_from_body(body: dict[str, Any]) -> Usage | None:
     return usage_from_object(body.get("usage"))
 
 
+def event_data(event: bytes) -> dict[str, Any] | None:
+    """The JSON object an SSE event's `data:` carries (after any `event:` line), or None."""
+    payload = event.partition(b"data:")[2].strip()
+    try:
+        parsed = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
 class StreamMeter:
     """Watches SSE bytes as they pass: finds the usage event and counts streamed text.
 
     Events are re-assembled across reads only as far as needed to split on blank lines;
-    only an event with a `usage` object is parsed.
+    only an event with a `usage` object is parsed. This is Chat Completions' meter; another
+    API's meter names its own streamed text (`text_pattern`) and usage event (`_find_usage`).
     """
 
     __slots__ = ("_pending", "events", "text_chars", "usage")
+    # The JSON strings whose characters are generated text, for the estimate of a cut stream.
+    text_pattern: ClassVar[re.Pattern[bytes]] = _TEXT_RE
 
     def __init__(self) -> None:
         self._pending = b""
@@ -123,18 +137,18 @@ class StreamMeter:
 
     def _event(self, event: bytes) -> None:
         self.events += 1
-        for match in _TEXT_RE.finditer(event):
+        for match in self.text_pattern.finditer(event):
             self.text_chars += len(match.group(1))
+        self._find_usage(event)
+
+    def _find_usage(self, event: bytes) -> None:
+        """Chat's usage: a top-level `usage` object, in the final chunk."""
         if any(marker in event for marker in _USAGE_MARKERS):
-            payload = event.partition(b"data:")[2].strip()
-            try:
-                parsed = json.loads(payload)
-            except ValueError:
-                return
-            if isinstance(parsed, dict):
+            parsed = event_data(event)
+            if parsed is not None:
                 found = usage_from_object(parsed.get("usage"))
                 if found is not None:
                     self.usage = found
 
     def completion_estimate(self) -> int:
-        return _text_tokens(self.text_chars)
+        return text_tokens(self.text_chars)

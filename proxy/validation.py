@@ -65,6 +65,35 @@ def _positive_int(value: object, maximum: int = MAX_TOKENS) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= maximum
 
 
+def check_model(body: dict[str, Any]) -> str:
+    """The request's model: a non-empty string of at most MAX_MODEL_CHARS (every surface)."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("You must specify a model to call", param="model")
+    if not is_utf8(model):
+        raise InvalidRequest("model must be valid Unicode text", param="model")
+    if len(model) > MAX_MODEL_CHARS:
+        raise InvalidRequest(f"model must be at most {MAX_MODEL_CHARS} characters", param="model")
+    return model
+
+
+def check_stream(body: dict[str, Any]) -> bool:
+    """Whether the request asks for a stream; `stream`, when present, must be a boolean."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("stream must be a boolean", param="stream")
+    return stream is True
+
+
+def check_positive_int(body: dict[str, Any], field: str, maximum: int = MAX_TOKENS) -> None:
+    """`field`, when present, is a positive integer no larger than `maximum`."""
+    value = body.get(field)
+    if value is not None and not _positive_int(value, maximum):
+        raise InvalidRequest(
+            f"{field} must be a positive integer of at most {maximum}", param=field
+        )
+
+
 def _check_message(index: int, message: object) -> None:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
@@ -89,13 +118,7 @@ def _check_message(index: int, message: object) -> None:
 
 def validate_chat(body: dict[str, Any]) -> str:
     """Check a chat completion request (SPEC §3); returns its model."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise InvalidRequest("You must specify a model to call", param="model")
-    if not is_utf8(model):
-        raise InvalidRequest("model must be valid Unicode text", param="model")
-    if len(model) > MAX_MODEL_CHARS:
-        raise InvalidRequest(f"model must be at most {MAX_MODEL_CHARS} characters", param="model")
+    model = check_model(body)
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise InvalidRequest("messages must be an array of message objects", param="messages")
@@ -110,11 +133,7 @@ def validate_chat(body: dict[str, Any]) -> str:
                 f"{field} must be a number between {low:g} and {high:g}", param=field
             )
     for field in ("max_tokens", "max_completion_tokens"):
-        value = body.get(field)
-        if value is not None and not _positive_int(value):
-            raise InvalidRequest(
-                f"{field} must be a positive integer of at most {MAX_TOKENS}", param=field
-            )
+        check_positive_int(body, field)
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, list):
@@ -124,10 +143,6 @@ def validate_chat(body: dict[str, Any]) -> str:
                 raise InvalidRequest("stop must be a string or an array of strings", param="stop")
         elif not isinstance(stop, str):
             raise InvalidRequest("stop must be a string or an array of strings", param="stop")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise InvalidRequest("stream must be a boolean", param="stream")
-    n = body.get("n")
-    if n is not None and not _positive_int(n, MAX_CHOICES):
-        raise InvalidRequest(f"n must be a positive integer of at most {MAX_CHOICES}", param="n")
+    check_stream(body)
+    check_positive_int(body, "n", MAX_CHOICES)
     return model
