@@ -10,7 +10,10 @@ from proxy.config import Settings
 from proxy.errors import InvalidRequest, RateLimited, UpstreamFailed
 from proxy.surfaces.base import Surface
 from proxy.surfaces.chat import ChatCompletions
+from proxy.surfaces.completions import Completions
+from proxy.surfaces.embeddings import Embeddings
 from proxy.surfaces.passthrough import Passthrough
+from proxy.surfaces.responses import Responses
 
 SETTINGS = Settings(default_max_tokens=100)
 CHAT_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 40}]}
@@ -68,7 +71,9 @@ def test_passthrough_reserves_nothing_and_reads_usage_only_when_reported() -> No
         passthrough.parse(json.dumps({"model": "m" * 257}).encode(), SETTINGS)
 
 
-@pytest.mark.parametrize("surface", [ChatCompletions(), Passthrough()])
+@pytest.mark.parametrize(
+    "surface", [ChatCompletions(), Responses(), Completions(), Embeddings(), Passthrough()]
+)
 def test_errors_take_the_openai_shape(surface: Surface) -> None:
     error = RateLimited("slow down")
     assert json.loads(surface.error_body(error))["error"]["type"] == "rate_limit_error"
