@@ -1,10 +1,12 @@
 """The built-in mock upstream of `tollgate demo` (and of the tests): an OpenAI-style server.
 
-It answers chat completions (JSON or SSE with a final usage chunk), tool calls and /models.
-Some model names ask for misbehaviour, so operators can watch Tollgate handle it:
-`mock-slow` (0.2 s between chunks), `mock-hang` (never answers), `mock-error` (500),
-`mock-bad-json` (200 that is not JSON), `mock-drop` (stream cut mid-way), `mock-no-usage`
-(stream without usage), `mock-gated` (each chunk waits for POST /_mock/release).
+It answers chat completions (JSON or SSE with a final usage chunk), tool calls, Responses (JSON
+or `event:`/`data:` SSE ending with `response.completed`), legacy completions (JSON or SSE with a
+usage chunk when asked), embeddings and /models. Some model names ask for misbehaviour, on every
+generating route, so operators can watch Tollgate handle it: `mock-slow` (0.2 s between chunks),
+`mock-hang` (never answers), `mock-error` (500), `mock-bad-json` (200 that is not JSON),
+`mock-drop` (stream cut mid-way), `mock-no-usage` (stream without usage), `mock-gated` (each
+chunk waits for POST /_mock/release).
 GET /_mock/requests shows every request it received, on any path (method, path, raw path,
 query, headers, body), except its model list, which it only counts; POST /_mock/reset forgets
 them.
@@ -117,26 +119,33 @@ def _completion(body: dict[str, Any]) -> dict[str, Any]:
     return {"role": "assistant", "content": REPLY}
 
 
+async def _misbehaviour(model: str) -> Response | None:
+    """The answer a misbehaving model name asks for, if any."""
+    if model == "mock-hang":
+        await asyncio.sleep(3600)
+    if model == "mock-error":
+        return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, 500)
+    if model == "mock-bad-json":
+        return Response(b"<html>not json</html>", media_type="application/json")
+    if model == "mock-not-found" or model.startswith("missing-"):
+        error = {
+            "message": f"The model `{model}` does not exist",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "model_not_found",
+        }
+        return JSONResponse({"error": error}, status_code=404)
+    return None
+
+
 def create_mock_upstream(state: MockState | None = None) -> Starlette:
     state = state or MockState()
 
     async def chat(request: Request) -> Response:
         body = await request.json()
         model = body.get("model", "")
-        if model == "mock-hang":
-            await asyncio.sleep(3600)
-        if model == "mock-error":
-            return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, 500)
-        if model == "mock-bad-json":
-            return Response(b"<html>not json</html>", media_type="application/json")
-        if model == "mock-not-found" or model.startswith("missing-"):
-            error = {
-                "message": f"The model `{model}` does not exist",
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "model_not_found",
-            }
-            return JSONResponse({"error": error}, status_code=404)
+        if (odd := await _misbehaviour(model)) is not None:
+            return odd
         message = _completion(body)
         finish = "tool_calls" if message.get("tool_calls") else "stop"
         prompt = _prompt_tokens(body)
@@ -158,6 +167,45 @@ def create_mock_upstream(state: MockState | None = None) -> Starlette:
         include_usage = (body.get("stream_options") or {}).get("include_usage") is True
         return StreamingResponse(
             _stream(state, ident, model, message, usage if include_usage else None),
+            media_type="text/event-stream",
+        )
+
+    async def responses(request: Request) -> Response:
+        body = await request.json()
+        model = body.get("model", "")
+        if (odd := await _misbehaviour(model)) is not None:
+            return odd
+        prompt = max(1, len(json.dumps([body.get("input"), body.get("instructions")])) // 4)
+        completion = max(1, len(REPLY) // 4)
+        usage = {
+            "input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + completion,
+        }  # fmt: skip
+        if not body.get("stream"):
+            return JSONResponse(_response_object(body, "completed", REPLY, usage))
+        return StreamingResponse(
+            _response_events(state, body, None if model == "mock-no-usage" else usage),
+            media_type="text/event-stream",
+        )
+
+    async def completions(request: Request) -> Response:
+        body = await request.json()
+        model = body.get("model", "")
+        if (odd := await _misbehaviour(model)) is not None:
+            return odd
+        prompt = max(1, len(json.dumps(body.get("prompt", ""))) // 4)
+        completion = max(1, len(REPLY) // 4)
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+                 "total_tokens": prompt + completion}  # fmt: skip
+        base = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion",
+                "created": int(time.time()), "model": model}  # fmt: skip
+        if not body.get("stream"):
+            choice = {"text": REPLY, "index": 0, "logprobs": None, "finish_reason": "stop"}
+            return JSONResponse({**base, "choices": [choice], "usage": usage})
+        include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+        return StreamingResponse(
+            _text_completion_chunks(state, base, usage if include_usage else None),
             media_type="text/event-stream",
         )
 
@@ -202,6 +250,8 @@ def create_mock_upstream(state: MockState | None = None) -> Starlette:
             Route(f"{prefix}/chat/completions", chat, methods=["POST"]),
             Route(f"{prefix}/models", models, methods=["GET"]),
             Route(f"{prefix}/embeddings", embeddings, methods=["POST"]),
+            Route(f"{prefix}/responses", responses, methods=["POST"]),
+            Route(f"{prefix}/completions", completions, methods=["POST"]),
         ]
     routes += [
         Route("/_mock/release", release, methods=["POST"]),
@@ -217,6 +267,89 @@ def _event(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
+async def _pace(state: MockState, model: str, number: int) -> None:
+    """Before the `number`th generated chunk: the pace (or the failure) the model asks for."""
+    if model == "mock-slow":
+        await asyncio.sleep(0.2)
+    elif model == "mock-gated":
+        await state.gate.acquire()
+    if model == "mock-drop" and number == 3:
+        raise ConnectionError("mock upstream drops the stream")
+
+
+class _Opened:
+    """Counts one open stream for as long as it runs."""
+
+    def __init__(self, state: MockState) -> None:
+        self.state = state
+
+    def __enter__(self) -> None:
+        self.state.open_streams += 1
+        self.state.max_open_streams = max(self.state.max_open_streams, self.state.open_streams)
+
+    def __exit__(self, *exc: object) -> None:
+        self.state.open_streams -= 1
+
+
+def _response_object(
+    body: dict[str, Any], status: str, text: str, usage: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A Responses API `response` object holding one assistant message."""
+    message = {
+        "type": "message", "id": "msg_mock", "status": status, "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }  # fmt: skip
+    return {
+        "id": "resp_mock", "object": "response", "created_at": int(time.time()),
+        "status": status, "error": None, "incomplete_details": None,
+        "instructions": body.get("instructions"), "metadata": {}, "model": body.get("model"),
+        "output": [message] if text else [], "parallel_tool_calls": True,
+        "temperature": 1.0, "tool_choice": "auto", "tools": [], "top_p": 1.0,
+        "max_output_tokens": body.get("max_output_tokens"), "usage": usage,
+    }  # fmt: skip
+
+
+def _sse(kind: str, payload: dict[str, Any]) -> bytes:
+    """One Responses event as OpenAI sends it: an `event:` line, then its `data:`."""
+    return f"event: {kind}\n".encode() + _event({"type": kind, **payload})
+
+
+async def _response_events(
+    state: MockState, body: dict[str, Any], usage: dict[str, Any] | None
+) -> AsyncIterator[bytes]:
+    model = body.get("model", "")
+    where = {"item_id": "msg_mock", "output_index": 0, "content_index": 0}
+    with _Opened(state):
+        yield _sse("response.created", {"sequence_number": 0,
+                   "response": _response_object(body, "in_progress", "", None)})  # fmt: skip
+        for number, word in enumerate(_words(REPLY)):
+            await _pace(state, model, number)
+            event = {"sequence_number": number + 1, **where, "delta": word, "logprobs": []}
+            yield _sse("response.output_text.delta", event)
+        last = len(_words(REPLY)) + 1
+        done = {"sequence_number": last, **where, "text": REPLY, "logprobs": []}
+        yield _sse("response.output_text.done", done)
+        final = _response_object(body, "completed", REPLY, usage)
+        yield _sse("response.completed", {"sequence_number": last + 1, "response": final})
+
+
+async def _text_completion_chunks(
+    state: MockState, base: dict[str, Any], usage: dict[str, Any] | None
+) -> AsyncIterator[bytes]:
+    def chunk(text: str, finish: str | None) -> bytes:
+        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+        return _event({**base, "choices": [choice]})
+
+    with _Opened(state):
+        for number, word in enumerate(_words(REPLY)):
+            await _pace(state, base["model"], number)
+            yield chunk(word, None)
+        yield chunk("", "stop")
+        if usage is not None and base["model"] != "mock-no-usage":
+            yield _event({**base, "choices": [], "usage": usage})
+        yield b"data: [DONE]\n\n"
+
+
 async def _stream(
     state: MockState,
     ident: str,
@@ -226,9 +359,7 @@ async def _stream(
 ) -> AsyncIterator[bytes]:
     base = {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()),
             "model": model}  # fmt: skip
-    state.open_streams += 1
-    state.max_open_streams = max(state.max_open_streams, state.open_streams)
-    try:
+    with _Opened(state):
         opening = {"role": "assistant", "content": ""}
         yield _event({**base, "choices": [{"index": 0, "delta": opening, "finish_reason": None}]})
         if message.get("tool_calls"):
@@ -237,17 +368,10 @@ async def _stream(
         else:
             deltas = [{"content": word} for word in _words(message["content"])]
         for number, delta in enumerate(deltas):
-            if model == "mock-slow":
-                await asyncio.sleep(0.2)
-            elif model == "mock-gated":
-                await state.gate.acquire()
-            if model == "mock-drop" and number == 3:
-                raise ConnectionError("mock upstream drops the stream")
+            await _pace(state, model, number)
             yield _event({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
         finish = "tool_calls" if message.get("tool_calls") else "stop"
         yield _event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
         if usage is not None and model != "mock-no-usage":
             yield _event({**base, "choices": [], "usage": usage})
         yield b"data: [DONE]\n\n"
-    finally:
-        state.open_streams -= 1

@@ -214,12 +214,12 @@ def test_passthrough_with_unencodable_model_reaches_upstream(
 ) -> None:
     body = json.dumps({"model": "\udfff", "input": "hello"}).encode()
     response = client.post(
-        "/v1/responses", content=body, headers={"content-type": "application/json"}
+        "/v1/messages", content=body, headers={"content-type": "application/json"}
     )
 
-    assert response.status_code == 404, response.text  # the mock has no /v1/responses
+    assert response.status_code == 404, response.text  # the mock has no /v1/messages
     request_id = response.headers["x-request-id"]
-    assert stack.mock.request_with_id(request_id)["path"] == "/v1/responses"
+    assert stack.mock.request_with_id(request_id)["path"] == "/v1/messages"
     assert stack.admin.record(request_id, since=since)["model"] == "-"
     assert_still_serving(stack, client)
 
