@@ -49,8 +49,13 @@ CHAT_PATHS = (
     "/api/v1/chat/completions",
     "/api/ai/chat/completions",
 )
-# The metered surfaces beside chat; the `/api/v1/` forms answer alike.
-SURFACE_PATHS = ("/embeddings", "/completions", "/responses", "/messages")
+# The metered surfaces beside chat, each with its handler; the `/api/v1/` forms answer alike.
+SURFACE_PATHS = {
+    "/responses": endpoints.responses,
+    "/completions": endpoints.completions,
+    "/embeddings": endpoints.embeddings,
+    "/messages": endpoints.messages,
+}
 _CLIENT_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 # After uvicorn's graceful-shutdown timeout it cancels the requests still running and at once
 # runs the lifespan shutdown; their settlement (one store round trip, or the spool) gets this
@@ -237,7 +242,10 @@ def create_app(
         routes += [
             Route(f"{prefix}/models", endpoints.list_models, methods=["GET"]),
             Route(f"{prefix}/models/{{model:path}}", endpoints.get_model, methods=["GET"]),
-            *(Route(prefix + path, endpoints.surface, methods=["POST"]) for path in SURFACE_PATHS),
+            *(
+                Route(prefix + path, handler, methods=["POST"])
+                for path, handler in SURFACE_PATHS.items()
+            ),
             # Anything else below /v1 reaches the upstream only when the operator lists it.
             Route(
                 f"{prefix}/{{rest:path}}",
@@ -247,7 +255,7 @@ def create_app(
         ]
     routes += [
         Route("/api/v1/chat/models", endpoints.list_models, methods=["GET"]),
-        Route("/anthropic/v1/messages", endpoints.surface, methods=["POST"]),
+        Route("/anthropic/v1/messages", endpoints.messages, methods=["POST"]),
         Route("/healthz", endpoints.healthz, methods=["GET"]),
         Route("/readyz", endpoints.readyz, methods=["GET"]),
         Route("/readyz/store", endpoints.readyz_store, methods=["GET"]),

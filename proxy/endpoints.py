@@ -28,9 +28,15 @@ from proxy.lifecycle import Lifecycle
 from proxy.store import StoreDown
 from proxy.surfaces.base import Surface
 from proxy.surfaces.chat import ChatCompletions
+from proxy.surfaces.completions import Completions
+from proxy.surfaces.embeddings import Embeddings
 from proxy.surfaces.passthrough import Passthrough
+from proxy.surfaces.responses import Responses
 
 CHAT = ChatCompletions()
+RESPONSES = Responses()
+COMPLETIONS = Completions()
+EMBEDDINGS = Embeddings()
 PASSTHROUGH = Passthrough()
 
 
@@ -75,10 +81,21 @@ async def chat_completions(request: Request) -> ASGIApp:
     return await _metered(request, CHAT, "/chat/completions")
 
 
-async def surface(request: Request) -> ASGIApp:
-    """Embeddings, legacy completions, Responses, Anthropic messages: metered pass-through."""
-    path: str = request.scope["path"]
-    return await _metered(request, PASSTHROUGH, "/" + path.rsplit("/", 1)[1])
+async def responses(request: Request) -> ASGIApp:
+    return await _metered(request, RESPONSES, "/responses")
+
+
+async def completions(request: Request) -> ASGIApp:
+    return await _metered(request, COMPLETIONS, "/completions")
+
+
+async def embeddings(request: Request) -> ASGIApp:
+    return await _metered(request, EMBEDDINGS, "/embeddings")
+
+
+async def messages(request: Request) -> ASGIApp:
+    """Anthropic messages: metered pass-through until it has a surface of its own."""
+    return await _metered(request, PASSTHROUGH, "/messages")
 
 
 async def passthrough(request: Request) -> ASGIApp:

@@ -1,5 +1,5 @@
-"""Metered pass-through (embeddings, completions, Responses) and the operator's allowlist of
-other /v1 paths: bodies forwarded as sent, usage metered, everything unlisted a 404."""
+"""Metered pass-through (the operator's allowlist of other /v1 paths) and the surfaces' shared
+handling: bodies forwarded as sent, usage metered, everything unlisted a 404."""
 
 from __future__ import annotations
 
@@ -144,9 +144,12 @@ def test_odd_passthrough_bodies_are_forwarded_as_sent(
             seen.append(request.content)
         return httpx.Response(400, content=refusal, headers={"content-type": "application/json"})
 
-    with harness_factory(settings, upstream=httpx.MockTransport(handler)) as harness:
+    listed = ("/v1/moderations",)
+    with harness_factory(
+        settings, upstream=httpx.MockTransport(handler), passthrough_paths=listed
+    ) as harness:
         key = harness.create_key()["key"]
-        response = harness.client.post("/v1/embeddings", content=content, headers=bearer(key))
+        response = harness.client.post("/v1/moderations", content=content, headers=bearer(key))
         assert response.status_code == 400, response.text
         assert response.content == refusal
         assert seen == [content]

@@ -117,7 +117,10 @@ def test_upstream_redirect_is_502_and_never_shows_its_location(
 
     with harness_factory(settings, upstream=httpx.MockTransport(handler)) as harness:
         key = harness.create_key()["key"]
-        for path, body in (("/v1/chat/completions", HELLO), ("/v1/embeddings", {"input": "x"})):
+        for path, body in (
+            ("/v1/chat/completions", HELLO),
+            ("/v1/embeddings", {"model": "m", "input": "x"}),
+        ):
             response = harness.client.post(path, json=body, headers=bearer(key))
             assert_error(response, 502, "upstream_error")
             assert "location" not in response.headers
