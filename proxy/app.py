@@ -35,7 +35,7 @@ from proxy.limits import LEASE_MARGIN_MS, Limiter
 from proxy.metrics import Metrics
 from proxy.models import ModelCatalog
 from proxy.paths import PassthroughPaths, refused_path
-from proxy.routing import SingleUpstream
+from proxy.routing import Registry
 from proxy.spool import Spool
 from proxy.store import Store, StoreDown, open_store
 from proxy.sweeper import Sweeper
@@ -187,7 +187,11 @@ def build_gateway(
         multiprocess_dir=settings.metrics_multiprocess,
     )
     ledger = Ledger(limiter, Spool(settings.spool_dir), metrics)
-    upstream = Upstream(settings, metrics, transport=transport)
+    upstreams = [
+        Upstream(config, settings, metrics, transport=transport)
+        for config in settings.upstream_configs()
+    ]
+    registry = Registry(upstreams)
     return Gateway(
         settings=settings,
         store=store,
@@ -195,10 +199,10 @@ def build_gateway(
         keyring=Keyring(store),
         admission=Admission(limiter, ledger, metrics, fail_open=settings.fail_open),
         ledger=ledger,
-        upstream=upstream,
-        selection=SingleUpstream(upstream),
+        upstreams=upstreams,
+        selection=registry,
         models=ModelCatalog(
-            upstream,
+            [u for u in registry.upstreams if u.api == "openai"],
             metrics,
             refresh_s=settings.models_cache_s,
             timeout_s=settings.upstream_timeout_s,

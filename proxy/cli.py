@@ -208,8 +208,11 @@ def _ca_file_problem(path: Path) -> str | None:
 def _serve(settings: Settings) -> int:
     import uvicorn
 
-    if not settings.upstream_url:
-        print("tollgate: TOLLGATE_UPSTREAM_URL is required for serve", file=sys.stderr)
+    if not settings.upstream_configs():
+        print(
+            "tollgate: TOLLGATE_UPSTREAM_URL or TOLLGATE_UPSTREAMS is required for serve",
+            file=sys.stderr,
+        )
         return USAGE_ERROR
     if settings.upstream_ca_file is not None:
         problem = _ca_file_problem(settings.upstream_ca_file)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy.credits import PriceTable, load_prices
+from proxy.registry import RegistryError, UpstreamConfig, load_upstreams
 
 ENV_VARIABLES: dict[str, str] = {
     "TOLLGATE_UPSTREAM_URL": "upstream base URL; /chat/completions, /models, ... are appended",
@@ -37,6 +38,7 @@ ENV_VARIABLES: dict[str, str] = {
     "TOLLGATE_MAX_CONNECTIONS": "open client connections per process; more are closed at once",
     "TOLLGATE_UPSTREAM_CA_FILE": "PEM file of extra CAs trusted for https upstreams",
     "TOLLGATE_FORWARD_HEADERS": "comma-separated extra client headers sent upstream",
+    "TOLLGATE_UPSTREAMS": "TOML file of upstreams: url, api_key_env, api, models, priority",
     "TOLLGATE_HOST": "listen address for serve (flag --host)",
     "TOLLGATE_PORT": "listen port for serve (flag --port)",
     "TOLLGATE_WORKERS": "worker processes for serve (flag --workers)",
@@ -77,6 +79,19 @@ class Settings:
     max_connections: int = 2048
     upstream_ca_file: Path | None = None
     forward_headers: tuple[str, ...] = ()
+    upstreams: tuple[UpstreamConfig, ...] = ()  # from TOLLGATE_UPSTREAMS; see upstream_configs()
+
+    def upstream_configs(self) -> tuple[UpstreamConfig, ...]:
+        """The registry, or the one `openai` upstream `default` of TOLLGATE_UPSTREAM_URL."""
+        if self.upstreams:
+            return self.upstreams
+        if self.upstream_url:
+            return (
+                UpstreamConfig(
+                    name="default", url=self.upstream_url, api_key=self.upstream_api_key
+                ),
+            )
+        return ()
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -211,6 +226,12 @@ def load_settings(
         if not ca_file.is_file():
             raise ConfigError(f"TOLLGATE_UPSTREAM_CA_FILE: no such file {str(ca_file)!r}")
         values["upstream_ca_file"] = ca_file
+    if "TOLLGATE_UPSTREAMS" in env:
+        path = Path(env["TOLLGATE_UPSTREAMS"])
+        try:
+            values["upstreams"] = load_upstreams(path.read_text(encoding="utf-8"), environ)
+        except (OSError, UnicodeDecodeError, RegistryError) as exc:
+            raise ConfigError(f"TOLLGATE_UPSTREAMS: {path}: {exc}") from None
     if "TOLLGATE_HOST" in env:
         values["host"] = env["TOLLGATE_HOST"]
     if "TOLLGATE_PRICES" in env:

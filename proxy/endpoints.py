@@ -17,6 +17,7 @@ from proxy.errors import (
     AuthenticationFailed,
     ClientClosed,
     MethodNotAllowed,
+    ModelNotFound,
     NotFound,
     ProxyError,
     RequestTooLarge,
@@ -127,6 +128,13 @@ async def _metered(request: Request, surface: Surface, upstream_path: str) -> AS
     except ProxyError as exc:  # refused before admission: counted without model or key
         gateway.metrics.answered(surface.route, "", exc.status_code, "")
         raise
+    candidates = gateway.selection.candidates(surface, parsed.model)
+    if not candidates:
+        error = ModelNotFound(
+            f"The model '{parsed.model}' does not exist or no upstream serves it", param="model"
+        )
+        gateway.metrics.answered(surface.route, parsed.model, error.status_code, "")
+        raise error
     scope = request.scope
     arrival = Arrival(
         request_id=scope["state"]["request_id"],
@@ -161,7 +169,7 @@ async def _metered(request: Request, surface: Surface, upstream_path: str) -> AS
         parsed=parsed,
         surface=surface,
         decision=decision,
-        upstream=gateway.selection.candidates(surface, parsed.model)[0],
+        upstream=candidates[0],
         upstream_path=upstream_path,
         method=request.method,
         client_headers=scope["headers"],

@@ -84,6 +84,12 @@ class NotFound(ProxyError):
     code = "not_found"
 
 
+class ModelNotFound(ProxyError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
 class MethodNotAllowed(ProxyError):
     status_code = 405
     error_type = "invalid_request_error"

@@ -29,12 +29,13 @@ class Gateway:
     keyring: Keyring
     admission: Admission
     ledger: Ledger
-    upstream: Upstream
+    upstreams: list[Upstream]
     selection: Selection
     models: ModelCatalog
     passthrough_paths: PassthroughPaths
     sweeper: Sweeper
 
     async def aclose(self) -> None:
-        await self.upstream.aclose()
+        for upstream in self.upstreams:
+            await upstream.aclose()
         await self.store.aclose()

@@ -26,7 +26,7 @@ from proxy.metering import StreamMeter, Usage
 from proxy.metrics import Metrics
 from proxy.settlement import settlement
 from proxy.surfaces.base import Parsed, Surface
-from proxy.upstream import Upstream, request_headers, response_headers
+from proxy.upstream import Upstream, response_headers
 
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer ended
 # Transport errors raised before a byte of the request was written.
@@ -140,12 +140,10 @@ class Lifecycle:
             return None
 
     async def _forward(self, send: Send) -> Answer | None:
-        headers = request_headers(
+        headers = self.upstream.headers(
             self.client_headers,
-            api_key=self.upstream.api_key,
             request_id=self.arrival.request_id,
             client_request_id=self.arrival.client_request_id,
-            forwarded=self.upstream.forwarded_headers,
         )
         response = self.response = await self.upstream.send(
             self.method,

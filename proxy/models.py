@@ -1,4 +1,4 @@
-"""The upstream's model list: fetched at startup and refreshed in the background in every process.
+"""The upstreams' model lists, merged: fetched at startup and refreshed in every process.
 
 `GET /v1/models` answers from it, and metrics label a request's model by it (plus the price
 table), so every worker labels the same request the same way, whatever its clients asked.
@@ -13,7 +13,7 @@ from typing import Any
 
 from proxy.errors import UpstreamFailed, UpstreamTimeout
 from proxy.metrics import Metrics
-from proxy.upstream import Upstream, request_headers
+from proxy.upstream import Upstream
 
 log = logging.getLogger("tollgate")
 STARTUP_FETCH_S = 5.0  # how long startup waits for the first list before serving without it
@@ -21,12 +21,16 @@ MAX_LABELLED_MODELS = 10_000  # the metrics' model label set stays bounded whate
 
 
 class ModelCatalog:
-    """This process's copy of the upstream's model list."""
+    """This process's copy of the model lists of the OpenAI-dialect upstreams, merged.
+
+    An upstream that cannot answer is left out of a round (and counted in the upstream error
+    metric); only when none answers is the round a failure.
+    """
 
     def __init__(
-        self, upstream: Upstream, metrics: Metrics, *, refresh_s: float, timeout_s: float
+        self, upstreams: list[Upstream], metrics: Metrics, *, refresh_s: float, timeout_s: float
     ) -> None:
-        self.upstream = upstream
+        self.upstreams = upstreams
         self.metrics = metrics
         self.refresh_s = refresh_s
         self.timeout_s = timeout_s
@@ -46,21 +50,25 @@ class ModelCatalog:
             log.warning("could not fetch the upstream model list at startup: %s", exc)
 
     async def fetch(self, timeout_s: float) -> list[dict[str, Any]]:
-        """Ask the upstream for its list; failures are counted and raised as ProxyErrors."""
-        upstream = self.upstream
-        headers = request_headers([], api_key=upstream.api_key, request_id="models")
-        with upstream.failures(timeout_s):
-            async with asyncio.timeout(timeout_s):
-                response = await upstream.send("GET", "/models", headers=headers, content=None)
-                payload = await response.aread()
-            models = _model_list(payload) if response.status_code == 200 else None
-            if models is None:
-                reason = "status" if response.status_code != 200 else "invalid"
-                raise UpstreamFailed("Upstream did not answer with a model list", reason=reason)
-        self.models = models
+        """Ask every upstream for its list; the first to name a model wins its entry."""
+        merged: dict[str, dict[str, Any]] = {}
+        failure: Exception | None = None
+        answered = False
+        for upstream in self.upstreams:
+            try:
+                models = await _fetch_one(upstream, timeout_s)
+            except (UpstreamFailed, UpstreamTimeout) as exc:
+                failure = exc
+                continue
+            answered = True
+            for model in models:
+                merged.setdefault(model["id"], model)
+        if not answered:
+            raise failure or UpstreamFailed("No upstream serves a model list", reason="invalid")
+        self.models = list(merged.values())
         room = MAX_LABELLED_MODELS - len(self.metrics.known_models)
-        self.metrics.known_models.update([m["id"] for m in models][: max(room, 0)])
-        return models
+        self.metrics.known_models.update(list(merged)[: max(room, 0)])
+        return self.models
 
     async def refresh_forever(self) -> None:
         """Refresh the list every `refresh_s`; a failed round keeps the last good list."""
@@ -72,6 +80,19 @@ class ModelCatalog:
                 log.warning("could not refresh the upstream model list: %s", exc.message)
             except Exception:  # a refresh round must never kill the loop
                 log.exception("model list refresh failed")
+
+
+async def _fetch_one(upstream: Upstream, timeout_s: float) -> list[dict[str, Any]]:
+    headers = upstream.headers([], request_id="models")
+    with upstream.failures(timeout_s):
+        async with asyncio.timeout(timeout_s):
+            response = await upstream.send("GET", "/models", headers=headers, content=None)
+            payload = await response.aread()
+        models = _model_list(payload) if response.status_code == 200 else None
+        if models is None:
+            reason = "status" if response.status_code != 200 else "invalid"
+            raise UpstreamFailed("Upstream did not answer with a model list", reason=reason)
+    return models
 
 
 def _model_list(payload: bytes) -> list[dict[str, Any]] | None:

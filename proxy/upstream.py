@@ -16,6 +16,7 @@ from proxy.config import Settings
 from proxy.errors import InvalidRequest, UpstreamFailed, UpstreamTimeout
 from proxy.http1 import Http1Transport
 from proxy.metrics import Metrics
+from proxy.registry import UpstreamConfig
 
 # The only client headers that go upstream. Everything else stays here: the client's
 # credential and cookies, hop-by-hop fields, `OpenAI-Organization`/`OpenAI-Project` (the
@@ -37,22 +38,22 @@ _DROP_RESPONSE = frozenset(
 )  # fmt: skip
 
 
+ANTHROPIC_VERSION = b"2023-06-01"  # sent to an anthropic upstream when the client named none
+
+
 def request_headers(
     client_headers: list[tuple[bytes, bytes]],
     *,
-    api_key: str | None,
     request_id: str,
     client_request_id: str | None = None,
     forwarded: frozenset[bytes] = FORWARDED_REQUEST_HEADERS,
 ) -> list[tuple[bytes, bytes]]:
-    """What goes upstream: the allowed client headers, Tollgate's ids and the operator's key."""
+    """The allowed client headers and Tollgate's ids (the upstream adds its credential)."""
     out = [(k, v) for k, v in client_headers if k in forwarded]  # ASGI names are lowercase
     out.append((b"accept-encoding", b"identity"))  # bytes are relayed as they come
     out.append((b"x-request-id", request_id.encode()))
     if client_request_id is not None:
         out.append((b"x-client-request-id", client_request_id.encode()))
-    if api_key:
-        out.append((b"authorization", b"Bearer " + api_key.encode()))
     return out
 
 
@@ -66,7 +67,7 @@ def response_headers(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
 
 
 class Upstream:
-    """Owns this process's one upstream transport (opened and closed by the lifespan).
+    """One upstream of the registry and its transport (opened and closed by the lifespan).
 
     Requests go straight to the transport's `handle_async_request`: httpx's Request and
     Response types stay, and AsyncClient's per-request machinery (auth flow, redirects, cookies,
@@ -76,16 +77,25 @@ class Upstream:
 
     def __init__(
         self,
+        config: UpstreamConfig,
         settings: Settings,
         metrics: Metrics,
         *,
-        name: str = "default",
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.name = name
+        self.name = config.name
+        self.api = config.api
+        self.config = config
         self.metrics = metrics
-        self.base_url = settings.upstream_url
-        self.api_key = settings.upstream_api_key
+        self.base_url = config.url
+        # The operator's credential, in the header the upstream's dialect expects.
+        self._credential: tuple[bytes, bytes] | None = None
+        if config.api_key:
+            self._credential = (
+                (b"x-api-key", config.api_key.encode())
+                if config.api == "anthropic"
+                else (b"authorization", b"Bearer " + config.api_key.encode())
+            )
         # The client headers that go upstream: ours, plus the operator's TOLLGATE_FORWARD_HEADERS.
         self.forwarded_headers = FORWARDED_REQUEST_HEADERS.union(
             name.encode() for name in settings.forward_headers
@@ -99,6 +109,27 @@ class Upstream:
         connect_s = min(10.0, settings.upstream_timeout_s)
         self._timeouts = {"timeout": {"connect": connect_s, "pool": connect_s}}
         self._urls: dict[str, httpx.URL] = {}  # parsed once per path; queries are rare
+
+    def headers(
+        self,
+        client_headers: list[tuple[bytes, bytes]],
+        *,
+        request_id: str,
+        client_request_id: str | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        """What goes to this upstream: the allowed client headers, Tollgate's ids and the
+        operator's credential (never the client's)."""
+        out = request_headers(
+            client_headers,
+            request_id=request_id,
+            client_request_id=client_request_id,
+            forwarded=self.forwarded_headers,
+        )
+        if self._credential is not None:
+            out.append(self._credential)
+        if self.api == "anthropic" and not any(k == b"anthropic-version" for k, _ in out):
+            out.append((b"anthropic-version", ANTHROPIC_VERSION))
+        return out
 
     def _url(self, path: str, query: bytes) -> httpx.URL | str:
         if query:

@@ -115,8 +115,10 @@ async def test_upstream_ca_file_adds_to_the_default_trust_store(
         serving(keep_answering(OK), tls=other.server) as public,
     ):
         for server in (private, public):
+            configured = replace(settings, upstream_url=server.url, upstream_ca_file=authority.ca)
             upstream = Upstream(
-                replace(settings, upstream_url=server.url, upstream_ca_file=authority.ca),
+                configured.upstream_configs()[0],
+                configured,
                 Metrics(key_label=False, known_models=set()),
             )
             try:

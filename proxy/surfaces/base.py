@@ -27,9 +27,10 @@ class Parsed:
 
 
 class Surface(Protocol):
-    """One API surface; `route` labels its metrics."""
+    """One API surface; `route` labels its metrics, `dialect` picks its upstreams."""
 
     route: str
+    dialect: str  # "openai" | "anthropic": the API an upstream must speak to serve it
 
     def parse(self, raw: bytes, settings: Settings) -> Parsed:
         """Validate the body (400 naming the field) and estimate what the request may use."""
@@ -58,8 +59,11 @@ class Surface(Protocol):
 
 
 class OpenAIErrors:
-    """OpenAI's error shape: `{"error": {message, type, param, code}}`, and as the last SSE
-    event `data: {"error": ...}` (which the OpenAI SDKs raise)."""
+    """An OpenAI-dialect surface: served by `openai` upstreams, with OpenAI's error shape
+    `{"error": {message, type, param, code}}` and, as the last SSE event, `data: {"error": ...}`
+    (which the OpenAI SDKs raise)."""
+
+    dialect = "openai"
 
     def error_body(self, error: ProxyError) -> bytes:
         return error.json_bytes()
