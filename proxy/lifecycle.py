@@ -34,9 +34,15 @@ _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _JSON = (b"content-type", b"application/json")
 
 
-async def _disconnected(receive: Receive) -> None:
+async def _cancel_on_disconnect(receive: Receive, exchange: asyncio.Future[Any]) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+    exchange.cancel()  # the upstream read stops at once; its connection is closed
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Answer(NamedTuple):
@@ -91,24 +97,22 @@ class Lifecycle:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.metrics.inflight.inc()
         exchange = asyncio.ensure_future(self._exchange(send))
-        listener = asyncio.ensure_future(_disconnected(receive))
+        listener = asyncio.ensure_future(_cancel_on_disconnect(receive, exchange))
         answer: Answer | None = None
         try:
             try:
-                await asyncio.wait((exchange, listener), return_when=asyncio.FIRST_COMPLETED)
+                answer = await exchange
             except asyncio.CancelledError:
-                # The server cancels what is left when its shutdown deadline passes.
-                await _stop(exchange)
-                await self._cut_short(send)
-                raise
-            if not exchange.done():  # the client went away first
-                await _stop(exchange)
-                self.status = CLIENT_CLOSED
-            elif (unexpected := exchange.exception()) is not None:
+                if not _being_cancelled():  # only the listener cancels the exchange alone
+                    self.status = CLIENT_CLOSED
+                else:
+                    # The server cancels what is left when its shutdown deadline passes.
+                    await _stop(exchange)
+                    await self._cut_short(send)
+                    raise
+            except Exception:
                 self.status = 500  # the middleware answers it without internals
-                raise unexpected
-            else:
-                answer = exchange.result()
+                raise
         finally:
             listener.cancel()
             await self._finish()
