@@ -6,20 +6,31 @@ Money is integer micro-dollars everywhere; USD numbers appear only at the API ed
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from importlib import resources
 from typing import Any
 
+from proxy.metering import Usage
+
 MICROS_PER_USD = 1_000_000
 TOKENS_PER_PRICE = 1_000_000  # prices are per million tokens
+# Optional prices of a model's table; absent, those tokens cost the input price.
+_CACHE_PARTS = ("cached_input", "cache_write")
 
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """USD per million tokens, kept as micro-dollars per million tokens (exact integers)."""
+    """USD per million tokens, kept as micro-dollars per million tokens (exact integers).
+
+    `cached_input` prices prompt tokens read from the upstream's prompt cache (OpenAI's
+    `cached_tokens`, Anthropic's cache reads), `cache_write` those written to it (Anthropic's
+    cache creation); None means the input price."""
 
     input_micros_per_m: int
     output_micros_per_m: int
+    _: KW_ONLY
+    cached_input_micros_per_m: int | None = None
+    cache_write_micros_per_m: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,13 +43,59 @@ class PriceTable:
         return self.models.get(model, self.default)
 
     def cost_micros(self, model: str, prompt_tokens: int, completion_tokens: int) -> int:
-        """Cost rounded up to the micro-dollar, so many small requests never cost nothing."""
+        """Every prompt token at the input price: the worst case admission reserves.
+
+        Rounded up to the micro-dollar, so many small requests never cost nothing."""
         price = self.price(model)
         if price is None:
             return 0
         scaled = prompt_tokens * price.input_micros_per_m
         scaled += completion_tokens * price.output_micros_per_m
         return -(-scaled // TOKENS_PER_PRICE)
+
+    def usage_cost_micros(self, model: str, usage: Usage) -> int:
+        """What a request did cost: its prompt's cache reads at `cached_input`, its cache writes
+        at `cache_write`, the rest of the prompt at `input`, its completion at `output`.
+
+        Never more than `cost_micros` of the same tokens unless `cache_write` (or
+        `cached_input`) is above `input`: Anthropic's cache writes cost 1.25 times its input,
+        so a prompt written to the cache may exceed its reservation by at most the written
+        tokens * (cache_write - input), charged as SPEC §5's allowed excess."""
+        price = self.price(model)
+        if price is None:
+            return 0
+        read, written = cache_tokens(usage)
+        cached_price = price.cached_input_micros_per_m
+        write_price = price.cache_write_micros_per_m
+        scaled = (usage.prompt_tokens - read - written) * price.input_micros_per_m
+        scaled += read * (price.input_micros_per_m if cached_price is None else cached_price)
+        scaled += written * (price.input_micros_per_m if write_price is None else write_price)
+        scaled += usage.completion_tokens * price.output_micros_per_m
+        return -(-scaled // TOKENS_PER_PRICE)
+
+
+def cache_tokens(usage: Usage) -> tuple[int, int]:
+    """The prompt tokens a usage reports as read from and written to the prompt cache.
+
+    Both are parts of `prompt_tokens`: OpenAI's `prompt_tokens_details.cached_tokens` (chat,
+    completions) or `input_tokens_details.cached_tokens` (Responses); Anthropic's
+    `cache_read_input_tokens` and `cache_creation_input_tokens`, which its surface adds into
+    `prompt_tokens`. Malformed counts are 0; the parts never exceed the prompt."""
+    details = usage.details
+    if not details:
+        return 0, 0
+    read = _count(details.get("cache_read_input_tokens"))
+    for name in ("prompt_tokens_details", "input_tokens_details"):
+        part = details.get(name)
+        if isinstance(part, dict):
+            read = max(read, _count(part.get("cached_tokens")))
+    read = min(read, usage.prompt_tokens)
+    written = min(_count(details.get("cache_creation_input_tokens")), usage.prompt_tokens - read)
+    return read, written
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def usd_to_micros(amount: float | int) -> int:
@@ -49,16 +106,24 @@ def micros_to_usd(micros: int) -> float:
     return round(micros / MICROS_PER_USD, 6)
 
 
+def _usd_per_m(name: str, part: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"[{name}].{part} must be a non-negative number")
+    return usd_to_micros(value)
+
+
 def _price(name: str, raw: Any) -> Price:
     if not isinstance(raw, dict):
         raise ValueError(f"[{name}] must be a table with input and output")
-    values = []
-    for part in ("input", "output"):
-        value = raw.get(part)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise ValueError(f"[{name}].{part} must be a non-negative number")
-        values.append(usd_to_micros(value))
-    return Price(values[0], values[1])
+    cache = {
+        part: _usd_per_m(name, part, raw[part]) if part in raw else None for part in _CACHE_PARTS
+    }
+    return Price(
+        _usd_per_m(name, "input", raw.get("input")),
+        _usd_per_m(name, "output", raw.get("output")),
+        cached_input_micros_per_m=cache["cached_input"],
+        cache_write_micros_per_m=cache["cache_write"],
+    )
 
 
 def load_prices(text: str | None) -> PriceTable:

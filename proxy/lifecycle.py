@@ -239,9 +239,7 @@ class Lifecycle:
                 self.metrics.answered(arrival.route, parsed.model, self.status, arrival.key_name)
                 return
             usage = self._final_usage()
-            cost_micros = self.settings.prices.cost_micros(
-                parsed.model, usage.prompt_tokens, usage.completion_tokens
-            )
+            cost_micros = self.settings.prices.usage_cost_micros(parsed.model, usage)
             elapsed = time.perf_counter() - arrival.started
             await self.ledger.settle(
                 settlement(

@@ -34,7 +34,9 @@ def test_defaults_match_the_spec() -> None:
     assert settings.host == "0.0.0.0"
     assert settings.port == 8080
     assert settings.workers == 1
-    assert settings.prices.price("gpt-4o-mini") == Price(150_000, 600_000)
+    assert settings.prices.price("gpt-4o-mini") == Price(
+        150_000, 600_000, cached_input_micros_per_m=75_000
+    )
     assert settings.prices.default is not None
 
 
