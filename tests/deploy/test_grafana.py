@@ -105,3 +105,17 @@ def test_dashboard_provider_is_a_file_provider() -> None:
     (provider,) = load_yaml(GRAFANA / "provisioning" / "dashboards" / "tollgate.yml")["providers"]
     assert provider["type"] == "file"
     assert provider["options"]["path"].startswith("/")
+
+
+def test_surfaces_row_splits_requests_errors_and_latency_by_route() -> None:
+    """`route` is on the request counter and the duration histogram only (tokens and cost are
+    by model and key), so those are what the Surfaces row shows per API surface."""
+    panels = _panels()
+    titles = [panel["title"] for panel in panels]
+    row = titles.index("Surfaces")
+    assert panels[row]["type"] == "row"
+    exprs = " ".join(expr for title in titles[row + 1 : row + 5] for expr in _queries()[title])
+    assert "sum by (route) (rate(tollgate_requests_total" in exprs
+    assert 'sum by (route, status) (rate(tollgate_requests_total{status!~"2..",' in exprs
+    assert "sum by (route, le) (rate(tollgate_request_duration_seconds_bucket" in exprs
+    assert "sum by (route, stream) (rate(tollgate_request_duration_seconds_count" in exprs

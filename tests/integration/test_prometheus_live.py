@@ -44,6 +44,7 @@ from tests.servers import (
 
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 MODEL = "gpt-4o-mini"
+EMBEDDING_MODEL = "text-embedding-3-small"
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 # What the dashboard's variables and Grafana's interval macros become in a plain query.
 INTERVAL = "1m"
@@ -108,6 +109,18 @@ def _chat(
     return response.status_code, usage
 
 
+def _surface(url: str, secret: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """One JSON request to another surface; (status, usage in chat's names)."""
+    headers = {"authorization": f"Bearer {secret}"}
+    response = httpx.post(f"{url}/v1{path}", json=body, headers=headers, timeout=20)
+    if response.status_code != 200:
+        return response.status_code, None
+    usage = response.json()["usage"]
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    return 200, {"prompt_tokens": prompt, "completion_tokens": completion}
+
+
 def _record(traffic: Traffic, key_name: str, model: str, answer: tuple[int, Any]) -> None:
     status, usage = answer
     if status == 200:
@@ -152,6 +165,12 @@ def _drive_load(url: str, keys: dict[str, dict[str, Any]], metrics_dir: Path) ->
             answer = future.result()
             _record(traffic, "live-plain", model, answer)
             traffic.ok_streams += int(stream and answer[0] == 200)
+    # Two more surfaces, so the dashboard's per-route panels split something.
+    responses = {"model": MODEL, "input": "Say hello"}
+    _record(traffic, "live-plain", MODEL, _surface(url, plain["key"], "/responses", responses))
+    embedding = {"model": EMBEDDING_MODEL, "input": "Say hello"}
+    answer = _surface(url, plain["key"], "/embeddings", embedding)
+    _record(traffic, "live-plain", EMBEDDING_MODEL, answer)
     # rpm=2: two answers, then the bucket is empty for the next 30 s.
     for _ in range(4):
         _record(traffic, "live-limited", MODEL, _chat(url, limited["key"]))
@@ -159,7 +178,7 @@ def _drive_load(url: str, keys: dict[str, dict[str, Any]], metrics_dir: Path) ->
     _record(traffic, "live-broke", MODEL, _chat(url, broke["key"], max_tokens=16))
     _record(traffic, "live-broke", MODEL, _chat(url, broke["key"]))
     _record(traffic, "live-plain", "mock-error", _chat(url, plain["key"], model="mock-error"))
-    assert traffic.ok == {"live-plain": 12, "live-limited": 2, "live-broke": 1}, traffic
+    assert traffic.ok == {"live-plain": 14, "live-limited": 2, "live-broke": 1}, traffic
     assert (traffic.rate_limited, traffic.credit_rejected, traffic.upstream_errors) == (2, 1, 1)
     # The exactness checks below mean something only if both workers answered requests.
     for _ in range(40):
@@ -316,6 +335,8 @@ def test_dashboard_panels_split_by_the_labels_the_load_produced(live: Live) -> N
     assert {"200", "502"} <= values(by_status, "status")
     by_model = 'sum by (model) (rate(tollgate_requests_total{key=~".*", model=~".*"}[1m]))'
     assert {MODEL, "gpt-4o"} <= values(by_model, "model")
+    by_route = 'sum by (route) (rate(tollgate_requests_total{key=~".*", model=~".*"}[1m]))'
+    assert values(by_route, "route") == {"chat_completions", "responses", "embeddings"}
     limits = 'sum by (key, limit) (rate(tollgate_rate_limited_total{key=~".*"}[1m]))'
     assert values(limits, "limit") == {"requests"}
     assert values(limits, "key") == {"live-limited"}
