@@ -60,6 +60,12 @@ OpenAI SDK (pip install openai):
       model="gpt-4o-mini", messages=[{{"role": "user", "content": "Hi"}}], stream=True):
       if chunk.choices: print(chunk.choices[0].delta.content or "", end="", flush=True)
 
+OpenAI SDK, Responses API:
+  from openai import OpenAI
+  client = OpenAI(base_url="{base_url}/v1", api_key="{key}")
+  response = client.responses.create(model="gpt-4o-mini", input="Hi")
+  print(response.output_text)
+
 Press Ctrl+C to stop.
 """
 

@@ -1,5 +1,6 @@
 """`tollgate demo` as a newcomer runs it: the printed key works with curl-style HTTP and the
-OpenAI SDK, and a 429 and a 402 show up within a minute."""
+OpenAI SDK, the printed SDK snippets run as they are, and a 429 and a 402 show up within a
+minute."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 
 import httpx
@@ -44,6 +46,24 @@ def test_demo_prints_a_working_key_and_snippets(demo: tuple[ProxyServer, str]) -
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.startswith("Hello from the Tollgate mock upstream")
     assert chunks[-1].usage is not None
+
+
+def snippet(banner: str, heading: str) -> str:
+    """The indented code the banner prints under `heading`, as a newcomer would copy it."""
+    block = banner.split(f"\n{heading}\n", 1)[1].split("\n\n", 1)[0]
+    return textwrap.dedent(block)
+
+
+def test_demo_responses_snippet_runs_as_printed(demo: tuple[ProxyServer, str]) -> None:
+    server, key = demo
+    code = snippet(server.output(), "OpenAI SDK, Responses API:")
+    assert f'OpenAI(base_url="http://127.0.0.1:{server.port}/v1", api_key="{key}")' in code
+    assert "client.responses.create(" in code
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Hello from the Tollgate mock upstream"), done.stdout
 
 
 def test_demo_shows_a_402_then_a_429(demo: tuple[ProxyServer, str]) -> None:
