@@ -1,8 +1,9 @@
 """Benchmark: Tollgate over HTTP next to nginx as a reverse proxy and the upstream alone.
 
-A fast mock upstream (nginx answering a static chat.completion, or an SSE stream), a real
-redis-server, `tollgate serve` (1 and 2 workers, every feature on), nginx proxying to the same
-upstream and, with --litellm, LiteLLM's proxy; wrk POSTs chat bodies. Loopback only, bounded by
+A fast mock upstream (nginx answering a static chat.completion, a chat SSE stream, or a Responses
+SSE stream), a real redis-server, `tollgate serve` (1 and 2 workers, every feature on), nginx
+proxying to the same upstream and, with --litellm, LiteLLM's proxy (chat only); wrk POSTs chat
+and Responses bodies. Loopback only, bounded by
 --rounds and --duration; every process it starts is stopped on exit, error or Ctrl-C.
 Run: .venv/bin/python -m tests.bench.http [--rounds 3] [--duration 5] [--smoke] [--profile 10]
 """
@@ -40,11 +41,14 @@ from tests.bench.nginx import (
     completion_body,
     nginx_binary,
     nginx_server,
+    responses_stream_events,
     stream_events,
 )
 from tests.servers import REPO, ProxyServer, RedisServer, redis_server, tollgate_env, wait_for
 
-TRAFFIC = ("json", "stream")
+# Chat JSON, chat stream, Responses stream; CHAT_TRAFFIC is what a chat-only target serves.
+TRAFFIC = ("json", "stream", "responses")
+CHAT_TRAFFIC = ("json", "stream")
 CONNECTIONS = (1, 32)
 WARMUP_S = 2
 TRIP_REQUESTS = 200  # requests per traffic type whose Redis commands MONITOR counts
@@ -69,18 +73,35 @@ class BenchError(RuntimeError):
 
 
 def request_body(traffic: str) -> bytes:
-    """The ~390-byte chat body clients send; streaming adds only `"stream": true`."""
+    """The ~390-byte chat body clients send, streaming adds only `"stream": true`; the
+    Responses stream's body says the same as `instructions` and `input`."""
     body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": _MESSAGES, "max_tokens": 64,
                             "temperature": 0.2, "user": "bench-user-0001"}  # fmt: skip
     if traffic == "stream":
         body["stream"] = True
+    if traffic == "responses":
+        body = {"model": "gpt-4o-mini", "instructions": _MESSAGES[0]["content"],
+                "input": _MESSAGES[1]["content"], "max_output_tokens": 64, "temperature": 0.2,
+                "user": "bench-user-0001", "stream": True}  # fmt: skip
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+def upstream_answer(traffic: str) -> bytes:
+    """What the mock upstream answers to `traffic`, byte for byte."""
+    if traffic == "json":
+        return completion_body()
+    return b"".join(stream_events() if traffic == "stream" else responses_stream_events())
+
+
+def _urls(base: str, traffics: tuple[str, ...] = TRAFFIC) -> dict[str, str]:
+    """traffic -> the POST URL under an OpenAI-style base URL (.../v1)."""
+    return {t: base + ("/responses" if t == "responses" else "/chat/completions") for t in traffics}
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
     name: str
-    urls: dict[str, str]  # traffic -> the POST URL
+    urls: dict[str, str]  # traffic -> the POST URL, for each traffic it serves
     roots: dict[str, int]  # traffic -> the pid whose process tree serves it
     authorization: str
     stream_header: str | None  # sent with streaming requests; None when the URL selects SSE
@@ -138,20 +159,25 @@ def check(target: Target) -> dict[str, Any]:
     Proxies that relay bytes unchanged must deliver them byte for byte (all CONTENT_CHUNKS
     chunks, the usage chunk and [DONE]); any other target must at least answer 200.
     """
-    expected = {"json": completion_body(), "stream": b"".join(stream_events())}
     found: dict[str, Any] = {}
-    for traffic in TRAFFIC:
+    for traffic in target.urls:
+        expected = upstream_answer(traffic)
         status, body = _post(target, traffic)
-        events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
-        chunks = sum(1 for e in events if b'"choices":[{' in e)
+        events = [e for e in body.split(b"\n\n") if e]
+        if traffic == "responses":
+            chunks = sum(1 for e in events if b'"type":"response.output_text.delta"' in e)
+            done = events[-1:] and events[-1].startswith(b"event: response.completed\n")
+        else:
+            chunks = sum(1 for e in events if b'"choices":[{' in e)
+            done = events[-1:] == [b"data: [DONE]"]
         found[traffic] = {
             "status": status,
             "bytes": len(body),
-            "identical": body == expected[traffic],
-            "chunks": chunks if traffic == "stream" else None,
-            "done": events[-1:] == [b"data: [DONE]"] if traffic == "stream" else None,
+            "identical": body == expected,
+            "chunks": chunks if traffic != "json" else None,
+            "done": bool(done) if traffic != "json" else None,
         }
-        if status != 200 or (target.exact and body != expected[traffic]):
+        if status != 200 or (target.exact and body != expected):
             raise BenchError(
                 f"{target.name} answered {traffic} with {status} and a body that differs from "
                 f"the upstream's ({chunks} of {CONTENT_CHUNKS} chunks):\n{body[:2000]!r}"
@@ -352,22 +378,20 @@ def _targets(
         if not key:
             with Admin(server.url) as admin:
                 key = admin.create_key(name="bench", **UNLIMITED_KEY)["key"]
-        url = server.url + "/v1/chat/completions"
         targets.append(Target(
-            name=f"tollgate-{workers}w", urls=dict.fromkeys(TRAFFIC, url),
+            name=f"tollgate-{workers}w", urls=_urls(server.url + "/v1"),
             roots=dict.fromkeys(TRAFFIC, server.process.pid), authorization=f"Bearer {key}",
             stream_header=STREAM_HEADER, exact=True, metrics_url=server.url + "/metrics",
         ))  # fmt: skip
     if not options.smoke:
         proxy = stack.enter_context(nginx_server(tmp / "nginx", upstream_port=upstream.port))
-        url = proxy.url + "/v1/chat/completions"
         targets.append(Target(
-            name="nginx", urls=dict.fromkeys(TRAFFIC, url), roots=dict.fromkeys(TRAFFIC, proxy.pid),
+            name="nginx", urls=_urls(proxy.url + "/v1"), roots=dict.fromkeys(TRAFFIC, proxy.pid),
             authorization=f"Bearer {key}", stream_header=STREAM_HEADER, exact=True,
         ))  # fmt: skip
     if options.litellm:
         urls, roots = {}, {}
-        for traffic in TRAFFIC:
+        for traffic in CHAT_TRAFFIC:
             prefix = STREAM_PATH_PREFIX if traffic == "stream" else ""
             server = stack.enter_context(
                 litellm.litellm_server(tmp / f"litellm-{traffic}",
@@ -393,15 +417,14 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         redis_client = redis.Redis.from_url(rs.url, decode_responses=True)
         stack.callback(redis_client.close)
         targets = _targets(stack, tmp, options, upstream, rs)
-        direct_url = upstream.url + "/v1/chat/completions"
         targets.append(Target(
-            name="direct", urls=dict.fromkeys(TRAFFIC, direct_url),
+            name="direct", urls=_urls(upstream.url + "/v1"),
             roots=dict.fromkeys(TRAFFIC, upstream.pid), authorization=targets[0].authorization,
             stream_header=STREAM_HEADER, exact=True,
         ))  # fmt: skip
         checks = {t.name: check(t) for t in targets}
         trips = {
-            t.name: {traffic: round_trips(t, traffic, rs.url) for traffic in TRAFFIC}
+            t.name: {traffic: round_trips(t, traffic, rs.url) for traffic in t.urls}
             for t in targets if t.metrics_url
         }  # fmt: skip
         bodies = {}
@@ -409,7 +432,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             bodies[traffic] = tmp / f"body-{traffic}.json"
             bodies[traffic].write_bytes(request_body(traffic))
         for target in targets:  # pools filled, scripts cached, first-call paths taken
-            for traffic in TRAFFIC:
+            for traffic in target.urls:
                 run_wrk(
                     target.urls[traffic], body_file=bodies[traffic],
                     authorization=target.authorization,
@@ -421,6 +444,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             for traffic in TRAFFIC:
                 for connections in CONNECTIONS:
                     for target in targets:  # alternating, so drift hits every target alike
+                        if traffic not in target.urls:
+                            continue
                         load, figures = measure(
                             target, traffic, connections, duration_s=options.duration,
                             bodies=bodies, redis_client=redis_client, trips=trips,
@@ -449,6 +474,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         "checks": checks,
         "round_trips": trips,
         "rows": report.rows(runs),
+        "stream_cpu": report.stream_cpu(report.rows(runs)),
         "runs": runs,
         "profile": profile,
         "elapsed_s": round(time.monotonic() - started, 1),
@@ -498,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(result["rows"]))
     print()
     print(report.load_table(result["rows"]))
+    print()
+    print(report.stream_cpu_table(result["stream_cpu"]))
     if result["profile"]:
         print()
         print(pyspy.table(result["profile"], title="Tollgate (1 worker), json, c32"))

@@ -68,6 +68,49 @@ def stream_events() -> list[bytes]:
     return events
 
 
+_RESPONSE_ID = "resp_bench0123456789"
+_ITEM_ID = "msg_bench0123456789"
+_RESPONSES_USAGE = {
+    "input_tokens": 39, "input_tokens_details": {"cached_tokens": 0},
+    "output_tokens": CONTENT_CHUNKS, "output_tokens_details": {"reasoning_tokens": 0},
+    "total_tokens": 39 + CONTENT_CHUNKS,
+}  # fmt: skip
+
+
+def _sse_event(payload: dict[str, object]) -> bytes:
+    data = json.dumps(payload, separators=(",", ":")).encode()
+    return b"event: " + str(payload["type"]).encode() + b"\ndata: " + data + b"\n\n"
+
+
+def responses_stream_events() -> list[bytes]:
+    """The static Responses stream: `response.created`, CONTENT_CHUNKS
+    `response.output_text.delta` events, then `response.completed` with the whole response and
+    its usage (as many events as the chat stream has chunks)."""
+    response: dict[str, object] = {
+        "id": _RESPONSE_ID, "object": "response", "created_at": _CREATED, "status": "in_progress",
+        "error": None, "incomplete_details": None, "model": _MODEL, "output": [],
+        "max_output_tokens": 64, "temperature": 0.2, "top_p": 1.0, "tools": [],
+        "tool_choice": "auto", "parallel_tool_calls": True, "usage": None,
+    }  # fmt: skip
+    events = [_sse_event({"type": "response.created", "sequence_number": 0, "response": response})]
+    words = [f"w{index} " for index in range(CONTENT_CHUNKS)]
+    for index, word in enumerate(words):
+        events.append(_sse_event({
+            "type": "response.output_text.delta", "sequence_number": index + 1,
+            "item_id": _ITEM_ID, "output_index": 0, "content_index": 0, "delta": word,
+            "logprobs": [],
+        }))  # fmt: skip
+    message = {
+        "id": _ITEM_ID, "type": "message", "status": "completed", "role": "assistant",
+        "content": [{"type": "output_text", "text": "".join(words), "annotations": []}],
+    }  # fmt: skip
+    completed = {**response, "status": "completed", "output": [message], "usage": _RESPONSES_USAGE}
+    events.append(_sse_event({
+        "type": "response.completed", "sequence_number": CONTENT_CHUNKS + 1, "response": completed,
+    }))  # fmt: skip
+    return events
+
+
 def _quoted(text: bytes) -> str:
     """An nginx single-quoted string; `$` would start a variable, so it must not occur."""
     value = text.decode()
@@ -99,12 +142,19 @@ http {{
 """
 
 
-def upstream_config(directory: Path, port: int) -> str:
-    """The mock upstream: a chat.completion, or the SSE stream when asked for one."""
-    events = stream_events()
+def _sse_return(events: list[bytes]) -> str:
+    """A location's body that returns these events as one SSE answer."""
     # One `set` per event: a config token may not exceed nginx's 4 KiB parse buffer.
     sets = "\n".join(f"            set $e{i} {_quoted(e)};" for i, e in enumerate(events))
     joined = "".join(f"$e{i}" for i in range(len(events)))
+    return f"""            default_type text/event-stream;
+{sets}
+            return 200 '{joined}';"""
+
+
+def upstream_config(directory: Path, port: int) -> str:
+    """The mock upstream: a chat.completion, or the SSE stream when asked for one; on
+    /v1/responses, always the Responses stream."""
     header = "$http_" + STREAM_HEADER.lower().replace("-", "_")
     servers = f"""    server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
@@ -116,9 +166,10 @@ def upstream_config(directory: Path, port: int) -> str:
         location = {STREAM_PATH_PREFIX}/v1/chat/completions {{ rewrite ^ /_stream last; }}
         location = /_stream {{
             internal;
-            default_type text/event-stream;
-{sets}
-            return 200 '{joined}';
+{_sse_return(stream_events())}
+        }}
+        location = /v1/responses {{
+{_sse_return(responses_stream_events())}
         }}
     }}"""
     return _main(directory, servers)

@@ -29,7 +29,7 @@ def run_record(
 def progress(run: dict[str, Any]) -> str:
     redis = run["redis"] or {}
     return (
-        f"round {run['round'] + 1} {run['target']:<12} {run['traffic']:<6} "
+        f"round {run['round'] + 1} {run['target']:<12} {run['traffic']:<9} "
         f"c={run['connections']:<3} {run['requests_per_s']:>8.0f} req/s "
         f"p50 {run['p50_ms']:.2f} ms p99 {run['p99_ms']:.2f} ms "
         f"cpu {run['proxy_cpu_us_per_request']:.0f} µs/req"
@@ -110,6 +110,38 @@ def load_table(rows_: list[dict[str, Any]]) -> str:
             f"| {r['target']} | {r['traffic']} | {r['c32']['wrk_cpu_percent']:.0f} / "
             f"{r['c1']['wrk_cpu_percent']:.0f} | {r['c32']['machine_busy_percent']:.0f} / "
             f"{r['c1']['machine_busy_percent']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def stream_cpu(rows_: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per target serving both: proxy CPU per chat stream and per Responses stream (medians),
+    and the Responses stream's as a ratio of the chat stream's."""
+    by = {(r["target"], r["traffic"]): r for r in rows_}
+    out = []
+    for target in dict.fromkeys(r["target"] for r in rows_):
+        chat, responses = by.get((target, "stream")), by.get((target, "responses"))
+        if chat is None or responses is None or target == BASELINE:
+            continue
+        entry: dict[str, Any] = {"target": target}
+        for n in ("c32", "c1"):
+            chat_us = chat[n]["proxy_cpu_us_per_request"]
+            responses_us = responses[n]["proxy_cpu_us_per_request"]
+            entry[n] = {"chat_stream_us": chat_us, "responses_stream_us": responses_us,
+                        "ratio": round(responses_us / chat_us, 3) if chat_us else None}  # fmt: skip
+        out.append(entry)
+    return out
+
+
+def stream_cpu_table(entries: list[dict[str, Any]]) -> str:
+    lines = ["| target | proxy CPU µs per chat stream c32 / c1 | per Responses stream c32 / c1 "
+             "| Responses ÷ chat c32 / c1 |", "|---|---:|---:|---:|"]  # fmt: skip
+    for e in entries:
+        c32, c1 = e["c32"], e["c1"]
+        lines.append(
+            f"| {e['target']} | {c32['chat_stream_us']:.0f} / {c1['chat_stream_us']:.0f} | "
+            f"{c32['responses_stream_us']:.0f} / {c1['responses_stream_us']:.0f} | "
+            f"{c32['ratio']} / {c1['ratio']} |"
         )
     return "\n".join(lines)
 

@@ -12,7 +12,12 @@ import pytest
 from tests.bench import limiter
 from tests.bench.http import BACKGROUND_TRIPS
 from tests.bench.load import wrk_binary
-from tests.bench.nginx import CONTENT_CHUNKS, nginx_binary, stream_events
+from tests.bench.nginx import (
+    CONTENT_CHUNKS,
+    nginx_binary,
+    responses_stream_events,
+    stream_events,
+)
 from tests.servers import REPO
 
 
@@ -44,13 +49,14 @@ def test_http_benchmark_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     result = json.loads(out.read_text(encoding="utf-8"))
 
     rows = {(r["target"], r["traffic"]): r for r in result["rows"]}
-    assert set(rows) == {(t, k) for t in ("tollgate-1w", "direct") for k in ("json", "stream")}
+    traffics = ("json", "stream", "responses")
+    assert set(rows) == {(t, k) for t in ("tollgate-1w", "direct") for k in traffics}
     for row in rows.values():
         for connections in ("c1", "c32"):
             assert row[connections]["requests_per_s"] > 0
             assert row[connections]["p99_ms"] >= row[connections]["p50_ms"] >= 0
         assert row["rss_per_worker_mib"] > 0
-    for traffic in ("json", "stream"):
+    for traffic in traffics:
         row = rows[("tollgate-1w", traffic)]
         for connections in ("c1", "c32"):
             figures = row[connections]
@@ -73,7 +79,15 @@ def test_http_benchmark_smoke_run_reports_every_figure(tmp_path: Path) -> None:
         "status": 200, "bytes": len(b"".join(stream_events())), "identical": True,
         "chunks": CONTENT_CHUNKS, "done": True,
     }  # fmt: skip
+    assert result["checks"]["tollgate-1w"]["responses"] == {
+        "status": 200, "bytes": len(b"".join(responses_stream_events())), "identical": True,
+        "chunks": CONTENT_CHUNKS, "done": True,
+    }  # fmt: skip
     assert CONTENT_CHUNKS == 20
+    # The Responses stream's CPU is reported beside the chat stream's, from the same run.
+    (cpu,) = result["stream_cpu"]
+    assert cpu["target"] == "tollgate-1w"
+    assert cpu["c32"]["chat_stream_us"] > 0 and cpu["c32"]["responses_stream_us"] > 0
 
 
 def test_soak_short_run_leaks_nothing(tmp_path: Path) -> None:
