@@ -82,13 +82,17 @@ class Settings:
     upstreams: tuple[UpstreamConfig, ...] = ()  # from TOLLGATE_UPSTREAMS; see upstream_configs()
 
     def upstream_configs(self) -> tuple[UpstreamConfig, ...]:
-        """The registry, or the one `openai` upstream `default` of TOLLGATE_UPSTREAM_URL."""
+        """The registry, or the one `openai` upstream `default` of TOLLGATE_UPSTREAM_URL (which
+        also serves the Anthropic route: one URL, no file, every surface)."""
         if self.upstreams:
             return self.upstreams
         if self.upstream_url:
             return (
                 UpstreamConfig(
-                    name="default", url=self.upstream_url, api_key=self.upstream_api_key
+                    name="default",
+                    url=self.upstream_url,
+                    api_key=self.upstream_api_key,
+                    also_serves=("anthropic",),
                 ),
             )
         return ()

@@ -1,7 +1,8 @@
 """The upstream registry: which upstreams exist, the API dialect each speaks, the models it serves.
 
 `TOLLGATE_UPSTREAMS` names a TOML file of `[upstreams.<name>]` tables; secrets stay in the
-environment (`api_key_env`). `TOLLGATE_UPSTREAM_URL` alone is one `openai` upstream, `default`.
+environment (`api_key_env`). `TOLLGATE_UPSTREAM_URL` alone is one `openai` upstream, `default`,
+which also serves the Anthropic route.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UpstreamConfig:
     name: str
-    url: str  # base URL; the surface's path is appended (e.g. https://api.openai.com/v1)
+    url: str  # the base its API's SDK takes: https://api.openai.com/v1, https://api.anthropic.com
     api_key: str | None = field(default=None, repr=False)
     api: str = "openai"  # the dialect it speaks: which surfaces it serves
+    # Other dialects' surfaces it also serves, below its own URL and with its own credential:
+    # `default` (TOLLGATE_UPSTREAM_URL) also takes the Anthropic route, as OpenAI-compatible
+    # gateways that publish `/messages` beside `/chat/completions` do.
+    also_serves: tuple[str, ...] = ()
     models: tuple[str, ...] = ()  # glob patterns; empty = any model
     priority: int = 0  # lower first among upstreams that serve a model
 

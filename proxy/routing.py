@@ -30,7 +30,8 @@ class Registry:
         self.upstreams = sorted(upstreams, key=lambda u: u.config.priority)
         self._by_dialect: dict[str, list[Upstream]] = {}
         for upstream in self.upstreams:
-            self._by_dialect.setdefault(upstream.api, []).append(upstream)
+            for dialect in (upstream.api, *upstream.config.also_serves):
+                self._by_dialect.setdefault(dialect, []).append(upstream)
 
     def candidates(self, surface: Routable, model: str) -> list[Upstream]:
         return [u for u in self._by_dialect.get(surface.dialect, ()) if u.config.serves(model)]

@@ -33,9 +33,11 @@ _DROP_RESPONSE = frozenset(
         "connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding",
         "upgrade", "content-length", "content-encoding", "set-cookie", "server", "date",
         "x-request-id", "x-client-request-id", "retry-after", "retry-after-ms", "ratelimit",
-        "ratelimit-policy", "location",
+        "ratelimit-policy", "location", "anthropic-organization-id",
     }
 )  # fmt: skip
+# Prefixes of response headers that describe the operator's upstream quota (OpenAI's, Anthropic's).
+_DROP_RESPONSE_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 
 
 ANTHROPIC_VERSION = b"2023-06-01"  # sent to an anthropic upstream when the client named none
@@ -62,7 +64,7 @@ def response_headers(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
         (k, v)
         for k, v in upstream.headers.raw
         if (name := k.decode("latin-1").lower()) not in _DROP_RESPONSE
-        and not name.startswith("x-ratelimit-")
+        and not name.startswith(_DROP_RESPONSE_PREFIXES)
     ]
 
 
@@ -87,7 +89,12 @@ class Upstream:
         self.api = config.api
         self.config = config
         self.metrics = metrics
+        # Each URL is the base its API's own SDK takes (https://api.openai.com/v1,
+        # https://api.anthropic.com); surfaces' paths (/chat/completions, /messages) are relative
+        # to the API's /v1, which Anthropic's base leaves out.
         self.base_url = config.url
+        if config.api == "anthropic" and not config.url.endswith("/v1"):
+            self.base_url = config.url + "/v1"
         # The operator's credential, in the header the upstream's dialect expects.
         self._credential: tuple[bytes, bytes] | None = None
         if config.api_key:

@@ -113,6 +113,23 @@ def test_candidates_follow_dialect_pattern_and_priority() -> None:
     assert names("anthropic", "gpt-4o") == []
 
 
+def test_upstream_url_alone_also_serves_the_anthropic_route_and_a_file_only_what_it_says() -> None:
+    settings = load_settings({"TOLLGATE_UPSTREAM_URL": "http://u/v1"})
+    metrics = Metrics(key_label=False, known_models=set())
+    default = Registry([Upstream(c, settings, metrics) for c in settings.upstream_configs()])
+    assert [u.name for u in default.candidates(_Dialect("anthropic"), "claude-3")] == ["default"]
+    assert default.candidates(_Dialect("anthropic"), "claude-3")[0].base_url == "http://u/v1"
+    assert _registry().candidates(_Dialect("anthropic"), "gpt-4o") == []
+
+
+def test_an_anthropic_url_is_the_sdks_base_and_paths_go_below_its_v1() -> None:
+    [anthropic] = _registry().candidates(_Dialect("anthropic"), "claude-3")
+    assert anthropic.base_url == "https://api.anthropic.example/v1"
+    explicit = UpstreamConfig(name="a", url="https://api.anthropic.example/v1", api="anthropic")
+    metrics = Metrics(key_label=False, known_models=set())
+    assert Upstream(explicit, Settings(), metrics).base_url == "https://api.anthropic.example/v1"
+
+
 def test_each_dialect_gets_the_operators_key_in_its_own_header() -> None:
     registry = _registry()
     openai = registry.candidates(ChatCompletions(), "o3")[0]
