@@ -1,0 +1,135 @@
+"""Benchmark: CPU instructions per request of Tollgate's request path, counted by callgrind.
+
+Instruction counts do not move with what else the machine is doing, so two versions can be
+compared on a busy machine. Each measurement runs the app in process (a real redis-server, an
+in-process upstream, httpx's ASGI client) under `valgrind --tool=callgrind` twice, with a small
+and a larger number of requests; the difference divided by the extra requests is one request's
+cost, start-up excluded. It counts the proxy process only (not Redis), and the ASGI client's
+share too (the same in every version). Loopback only, bounded by --requests.
+
+Run: .venv/bin/python -m tests.bench.instructions [--requests 300] [--traffic json stream]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from tests.servers import ADMIN_TOKEN, redis_server
+
+COMPLETION = json.dumps(
+    {
+        "id": "c", "object": "chat.completion", "created": 0, "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+    }
+).encode()  # fmt: skip
+CHUNK = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi "}}]}\n\n'  # noqa: E501
+STREAM = (
+    CHUNK * 20
+    + b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":20}}\n\n'
+    + b"data: [DONE]\n\n"
+)
+WARMUP = 50
+
+
+def _upstream(request: httpx.Request) -> httpx.Response:
+    if request.url.path.endswith("/models"):
+        return httpx.Response(200, json={"object": "list", "data": []})
+    if b'"stream":true' in request.content.replace(b" ", b""):
+        return httpx.Response(
+            200, stream=httpx.ByteStream(STREAM), headers={"content-type": "text/event-stream"}
+        )
+    return httpx.Response(200, content=COMPLETION, headers={"content-type": "application/json"})
+
+
+async def drive(requests: int, stream: bool, redis_url: str, spool: str) -> None:
+    """The measured process: `requests` chat requests through the app, after a warm-up."""
+    from proxy.app import create_app
+    from proxy.config import Settings
+    from proxy.store import open_store
+
+    settings = Settings(
+        upstream_url="http://upstream.test/v1",
+        upstream_api_key="sk-upstream",
+        admin_token=ADMIN_TOKEN,
+        redis_url=redis_url,
+        spool_dir=Path(spool),
+    )
+    app = create_app(settings, store=open_store(settings), transport=httpx.MockTransport(_upstream))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://tollgate") as client:
+            created = await client.post(
+                "/admin/keys",
+                json={"name": "bench", "rpm": 10**9, "tpm": 10**12, "max_concurrency": 10**6,
+                      "credits": 10**6},
+                headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+            )  # fmt: skip
+            headers = {"authorization": f"Bearer {created.json()['key']}"}
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}],
+                    "stream": stream}  # fmt: skip
+            for _ in range(WARMUP + requests):
+                answer = await client.post("/v1/chat/completions", json=body, headers=headers)
+                if answer.status_code != 200:
+                    raise SystemExit(f"unexpected {answer.status_code}: {answer.text}")
+
+
+def _instructions(requests: int, traffic: str, redis_url: str, valgrind: str) -> int:
+    with tempfile.TemporaryDirectory(prefix="tollgate-callgrind-") as tmp:
+        out = Path(tmp) / "callgrind.out"
+        command = [
+            valgrind, "--tool=callgrind", f"--callgrind-out-file={out}",
+            sys.executable, "-m", "tests.bench.instructions", "--drive", str(requests),
+            "--traffic", traffic, "--redis-url", redis_url, "--spool", str(Path(tmp) / "spool"),
+        ]  # fmt: skip
+        run = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        if run.returncode != 0:
+            raise SystemExit(f"callgrind run failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
+        found = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
+        if found is None:
+            raise SystemExit("no instruction total in the callgrind output")
+        return int(found.group(1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=300, help="extra requests (10-5000)")
+    parser.add_argument(
+        "--traffic", nargs="+", choices=("json", "stream"), default=["json", "stream"]
+    )
+    parser.add_argument("--drive", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--redis-url", help=argparse.SUPPRESS)
+    parser.add_argument("--spool", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.drive is not None:  # the process callgrind measures
+        asyncio.run(
+            drive(options.drive, options.traffic[0] == "stream", options.redis_url, options.spool)
+        )
+        return 0
+    if not 10 <= options.requests <= 5000:
+        parser.error("--requests must be 10-5000")
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("valgrind is needed: apt-get install valgrind")
+    with redis_server() as redis:
+        for traffic in options.traffic:
+            base = _instructions(1, traffic, redis.url, valgrind)
+            more = _instructions(1 + options.requests, traffic, redis.url, valgrind)
+            per_request = (more - base) / options.requests
+            print(f"{traffic:6} {per_request / 1000:,.0f} k instructions per request", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
