@@ -7,11 +7,12 @@ the usage in the upstream's answer, JSON or SSE. Adding an API is a new module b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.config import Settings
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, UpstreamFailed
 from proxy.metering import StreamMeter, Usage
+from proxy.validation import json_object_or_none
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,15 @@ class Surface(Protocol):
     def error_event(self, error: ProxyError) -> bytes:
         """The one SSE event that ends a stream of this API which failed midway."""
         ...
+
+
+def expected_object(payload: bytes, parsed: Parsed, what: str) -> dict[str, Any]:
+    """A 2xx JSON answer to a request that did not ask for a stream: the object, or a 502
+    (`invalid`) when it is not one."""
+    body = json_object_or_none(payload)
+    if body is None or parsed.stream:
+        raise UpstreamFailed(f"Upstream answered with a body that is not {what}", reason="invalid")
+    return body
 
 
 class OpenAIErrors:

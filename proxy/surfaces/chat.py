@@ -10,7 +10,6 @@ import json
 from typing import Any
 
 from proxy.config import Settings
-from proxy.errors import UpstreamFailed
 from proxy.metering import (
     StreamMeter,
     Usage,
@@ -18,8 +17,8 @@ from proxy.metering import (
     max_completion_tokens,
     usage_from_body,
 )
-from proxy.surfaces.base import OpenAIErrors, Parsed
-from proxy.validation import json_object_or_none, parse_json_object, validate_chat
+from proxy.surfaces.base import OpenAIErrors, Parsed, expected_object
+from proxy.validation import parse_json_object, validate_chat
 
 _USAGE_OPTION = b'"stream_options":{"include_usage":true},'
 
@@ -61,12 +60,7 @@ class ChatCompletions(OpenAIErrors):
         return parsed.stream
 
     def usage_from_json(self, payload: bytes, parsed: Parsed) -> Usage | None:
-        body = json_object_or_none(payload)
-        if body is None or parsed.stream:
-            raise UpstreamFailed(
-                "Upstream answered with a body that is not a chat completion", reason="invalid"
-            )
-        return usage_from_body(body)
+        return usage_from_body(expected_object(payload, parsed, "a chat completion"))
 
     def stream_meter(self) -> StreamMeter:
         return StreamMeter()

@@ -11,16 +11,15 @@ import re
 from typing import Any
 
 from proxy.config import Settings
-from proxy.errors import InvalidRequest, UpstreamFailed
+from proxy.errors import InvalidRequest
 from proxy.metering import StreamMeter, Usage, text_tokens, usage_from_body
-from proxy.surfaces.base import OpenAIErrors, Parsed
+from proxy.surfaces.base import OpenAIErrors, Parsed, expected_object
 from proxy.surfaces.chat import with_usage_option
 from proxy.validation import (
     MAX_CHOICES,
     check_model,
     check_positive_int,
     check_stream,
-    json_object_or_none,
     parse_json_object,
 )
 
@@ -103,12 +102,7 @@ class Completions(OpenAIErrors):
         return parsed.stream
 
     def usage_from_json(self, payload: bytes, parsed: Parsed) -> Usage | None:
-        body = json_object_or_none(payload)
-        if body is None or parsed.stream:
-            raise UpstreamFailed(
-                "Upstream answered with a body that is not a text completion", reason="invalid"
-            )
-        return usage_from_body(body)
+        return usage_from_body(expected_object(payload, parsed, "a text completion"))
 
     def stream_meter(self) -> StreamMeter:
         return CompletionsMeter()

@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from proxy.config import Settings
-from proxy.errors import InvalidRequest, UpstreamFailed
+from proxy.errors import InvalidRequest
 from proxy.metering import (
     TOKENS_PER_IMAGE,
     TOKENS_PER_MESSAGE,
@@ -23,12 +23,11 @@ from proxy.metering import (
     usage_from_body,
     usage_from_object,
 )
-from proxy.surfaces.base import OpenAIErrors, Parsed
+from proxy.surfaces.base import OpenAIErrors, Parsed, expected_object
 from proxy.validation import (
     check_model,
     check_positive_int,
     check_stream,
-    json_object_or_none,
     parse_json_object,
 )
 
@@ -132,12 +131,7 @@ class Responses(OpenAIErrors):
         return parsed.stream
 
     def usage_from_json(self, payload: bytes, parsed: Parsed) -> Usage | None:
-        body = json_object_or_none(payload)
-        if body is None or parsed.stream:
-            raise UpstreamFailed(
-                "Upstream answered with a body that is not a response object", reason="invalid"
-            )
-        return usage_from_body(body)
+        return usage_from_body(expected_object(payload, parsed, "a response object"))
 
     def stream_meter(self) -> StreamMeter:
         return ResponsesMeter()
