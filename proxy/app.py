@@ -55,6 +55,7 @@ SURFACE_PATHS = {
     "/completions": endpoints.completions,
     "/embeddings": endpoints.embeddings,
     "/messages": endpoints.messages,
+    "/messages/count_tokens": endpoints.count_tokens,
 }
 _CLIENT_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 # After uvicorn's graceful-shutdown timeout it cancels the requests still running and at once
@@ -260,6 +261,7 @@ def create_app(
     routes += [
         Route("/api/v1/chat/models", endpoints.list_models, methods=["GET"]),
         Route("/anthropic/v1/messages", endpoints.messages, methods=["POST"]),
+        Route("/anthropic/v1/messages/count_tokens", endpoints.count_tokens, methods=["POST"]),
         Route("/healthz", endpoints.healthz, methods=["GET"]),
         Route("/readyz", endpoints.readyz, methods=["GET"]),
         Route("/readyz/store", endpoints.readyz_store, methods=["GET"]),

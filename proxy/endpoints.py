@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -27,6 +28,7 @@ from proxy.gateway import Gateway
 from proxy.keys import PresentedKey, parse_key
 from proxy.lifecycle import Lifecycle
 from proxy.store import StoreDown
+from proxy.surfaces.anthropic import Messages, TokenCount
 from proxy.surfaces.base import Surface
 from proxy.surfaces.chat import ChatCompletions
 from proxy.surfaces.completions import Completions
@@ -39,6 +41,8 @@ RESPONSES = Responses()
 COMPLETIONS = Completions()
 EMBEDDINGS = Embeddings()
 PASSTHROUGH = Passthrough()
+MESSAGES = Messages()
+TOKEN_COUNT = TokenCount()
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -53,6 +57,24 @@ def authenticate(request: Request) -> PresentedKey:
         raise AuthenticationFailed(
             "You didn't provide an API key. Provide it in the Authorization header "
             "(Authorization: Bearer YOUR_KEY)."
+        )
+    presented = parse_key(token.strip())
+    if presented is None:
+        raise AuthenticationFailed()
+    return presented
+
+
+def authenticate_anthropic(request: Request) -> PresentedKey:
+    """The Anthropic routes: the key as `x-api-key` (as the Anthropic SDK sends it), else as
+    `Authorization: Bearer`."""
+    token = request.headers.get("x-api-key")
+    if token is None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token if scheme.lower() == "bearer" else ""
+    if not token:
+        raise AuthenticationFailed(
+            "You didn't provide an API key. Provide it in the x-api-key header "
+            "(or as Authorization: Bearer YOUR_KEY)."
         )
     presented = parse_key(token.strip())
     if presented is None:
@@ -95,8 +117,25 @@ async def embeddings(request: Request) -> ASGIApp:
 
 
 async def messages(request: Request) -> ASGIApp:
-    """Anthropic messages: metered pass-through until it has a surface of its own."""
-    return await _metered(request, PASSTHROUGH, "/messages")
+    return await _anthropic(request, MESSAGES, "/messages")
+
+
+async def count_tokens(request: Request) -> ASGIApp:
+    return await _anthropic(request, TOKEN_COUNT, "/messages/count_tokens")
+
+
+async def _anthropic(request: Request, surface: Surface, upstream_path: str) -> ASGIApp:
+    """The Anthropic routes: their key forms, and every refusal in that API's error shape
+    (same status and headers as the OpenAI routes' answer)."""
+    try:
+        return await _metered(request, surface, upstream_path, identify=authenticate_anthropic)
+    except ProxyError as exc:
+        return Response(
+            surface.error_body(exc),
+            status_code=exc.status_code,
+            headers=exc.headers,
+            media_type="application/json",
+        )
 
 
 async def passthrough(request: Request) -> ASGIApp:
@@ -117,12 +156,18 @@ async def passthrough(request: Request) -> ASGIApp:
     return await _metered(request, PASSTHROUGH, paths.upstream_path(raw_path, 2 if api_form else 1))
 
 
-async def _metered(request: Request, surface: Surface, upstream_path: str) -> ASGIApp:
+async def _metered(
+    request: Request,
+    surface: Surface,
+    upstream_path: str,
+    *,
+    identify: Callable[[Request], PresentedKey] = authenticate,
+) -> ASGIApp:
     """Authenticate, parse, admit; the Lifecycle returned runs the rest as the response."""
     gateway = gateway_of(request)
     settings = gateway.settings
     try:
-        presented = authenticate(request)
+        presented = identify(request)
         raw = await read_body(request, settings.max_body_bytes)
         parsed = surface.parse(raw, settings)
     except ProxyError as exc:  # refused before admission: counted without model or key

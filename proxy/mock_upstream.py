@@ -2,11 +2,13 @@
 
 It answers chat completions (JSON or SSE with a final usage chunk), tool calls, Responses (JSON
 or `event:`/`data:` SSE ending with `response.completed`), legacy completions (JSON or SSE with a
-usage chunk when asked), embeddings and /models. Some model names ask for misbehaviour, on every
-generating route, so operators can watch Tollgate handle it: `mock-slow` (0.2 s between chunks),
-`mock-hang` (never answers), `mock-error` (500), `mock-bad-json` (200 that is not JSON),
-`mock-drop` (stream cut mid-way), `mock-no-usage` (stream without usage), `mock-gated` (each
-chunk waits for POST /_mock/release).
+usage chunk when asked), embeddings, /models, and Anthropic messages (JSON, or SSE from
+`message_start` to `message_stop`; a `system` with a `cache_control` block is written to the
+prompt cache the first time and read from it after) and their `count_tokens`. Some model names
+ask for misbehaviour, on every generating route, so operators can watch Tollgate handle it:
+`mock-slow` (0.2 s between chunks), `mock-hang` (never answers), `mock-error` (500),
+`mock-bad-json` (200 that is not JSON), `mock-drop` (stream cut mid-way), `mock-no-usage`
+(stream without usage), `mock-gated` (each chunk waits for POST /_mock/release).
 GET /_mock/requests shows every request it received, on any path (method, path, raw path,
 query, headers, body), except its model list, which it only counts; POST /_mock/reset forgets
 them.
@@ -41,6 +43,7 @@ class MockState:
         self.gate = asyncio.Semaphore(0)
         self.open_streams = 0
         self.max_open_streams = 0
+        self.cached_prompts: set[str] = set()  # Anthropic prompt-cache prefixes written
 
 
 class _Recorder:
@@ -119,23 +122,30 @@ def _completion(body: dict[str, Any]) -> dict[str, Any]:
     return {"role": "assistant", "content": REPLY}
 
 
-async def _misbehaviour(model: str) -> Response | None:
-    """The answer a misbehaving model name asks for, if any."""
+async def _misbehaviour(model: str, *, anthropic: bool = False) -> Response | None:
+    """The answer a misbehaving model name asks for, if any (errors in Anthropic's shape for
+    its route)."""
     if model == "mock-hang":
         await asyncio.sleep(3600)
     if model == "mock-error":
-        return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, 500)
+        kind = "api_error" if anthropic else "server_error"
+        return _error({"message": "boom", "type": kind}, 500, anthropic)
     if model == "mock-bad-json":
         return Response(b"<html>not json</html>", media_type="application/json")
     if model == "mock-not-found" or model.startswith("missing-"):
-        error = {
-            "message": f"The model `{model}` does not exist",
-            "type": "invalid_request_error",
-            "param": None,
-            "code": "model_not_found",
-        }
-        return JSONResponse({"error": error}, status_code=404)
+        message = f"The model `{model}` does not exist"
+        if anthropic:
+            return _error({"type": "not_found_error", "message": message}, 404, anthropic)
+        error = {"message": message, "type": "invalid_request_error", "param": None,
+                 "code": "model_not_found"}  # fmt: skip
+        return _error(error, 404, anthropic)
     return None
+
+
+def _error(error: dict[str, Any], status: int, anthropic: bool) -> Response:
+    return JSONResponse(
+        {"type": "error", "error": error} if anthropic else {"error": error}, status
+    )
 
 
 def create_mock_upstream(state: MockState | None = None) -> Starlette:
@@ -209,6 +219,24 @@ def create_mock_upstream(state: MockState | None = None) -> Starlette:
             media_type="text/event-stream",
         )
 
+    async def messages(request: Request) -> Response:
+        body = await request.json()
+        model = body.get("model", "")
+        if (odd := await _misbehaviour(model, anthropic=True)) is not None:
+            return odd
+        usage = _message_usage(state, body)
+        if not body.get("stream"):
+            return JSONResponse(_message(model, REPLY, usage))
+        return StreamingResponse(
+            _message_events(state, model, None if model == "mock-no-usage" else usage),
+            media_type="text/event-stream",
+        )
+
+    async def count_tokens(request: Request) -> Response:
+        body = await request.json()
+        tokens = max(1, len(json.dumps([body.get("system"), body.get("messages")])) // 4)
+        return JSONResponse({"input_tokens": tokens})
+
     async def models(request: Request) -> Response:
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "tollgate-mock"}
                 for m in MODELS]  # fmt: skip
@@ -252,6 +280,8 @@ def create_mock_upstream(state: MockState | None = None) -> Starlette:
             Route(f"{prefix}/embeddings", embeddings, methods=["POST"]),
             Route(f"{prefix}/responses", responses, methods=["POST"]),
             Route(f"{prefix}/completions", completions, methods=["POST"]),
+            Route(f"{prefix}/messages", messages, methods=["POST"]),
+            Route(f"{prefix}/messages/count_tokens", count_tokens, methods=["POST"]),
         ]
     routes += [
         Route("/_mock/release", release, methods=["POST"]),
@@ -375,3 +405,54 @@ async def _stream(
         if usage is not None and model != "mock-no-usage":
             yield _event({**base, "choices": [], "usage": usage})
         yield b"data: [DONE]\n\n"
+
+
+def _message_usage(state: MockState, body: dict[str, Any]) -> dict[str, int]:
+    """Anthropic usage: a `system` holding a `cache_control` block is a cached prefix, written
+    the first time it is seen and read after."""
+    system = body.get("system")
+    usage = {"input_tokens": max(1, len(json.dumps(body.get("messages", []))) // 4),
+             "output_tokens": max(1, len(REPLY) // 4),
+             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}  # fmt: skip
+    if isinstance(system, list) and any("cache_control" in b for b in system):
+        prefix = json.dumps(system)
+        seen = prefix in state.cached_prompts
+        usage["cache_read_input_tokens" if seen else "cache_creation_input_tokens"] = (
+            len(prefix) // 4
+        )
+        state.cached_prompts.add(prefix)
+    elif system is not None:
+        usage["input_tokens"] += len(json.dumps(system)) // 4
+    return usage
+
+
+def _message(model: str, text: str, usage: dict[str, int] | None) -> dict[str, Any]:
+    """An Anthropic `message` object holding one text block."""
+    return {
+        "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": text}] if text else [],
+        "stop_reason": "end_turn" if text else None, "stop_sequence": None, "usage": usage,
+    }  # fmt: skip
+
+
+async def _message_events(
+    state: MockState, model: str, usage: dict[str, int] | None
+) -> AsyncIterator[bytes]:
+    """Anthropic's stream: message_start (input usage), one text block of deltas,
+    message_delta (output usage), message_stop."""
+    opening = {**usage, "output_tokens": 1} if usage is not None else None
+    with _Opened(state):
+        yield _sse("message_start", {"message": _message(model, "", opening)})
+        block = {"type": "text", "text": ""}
+        yield _sse("content_block_start", {"index": 0, "content_block": block})
+        yield _sse("ping", {})
+        for number, word in enumerate(_words(REPLY)):
+            await _pace(state, model, number)
+            delta = {"type": "text_delta", "text": word}
+            yield _sse("content_block_delta", {"index": 0, "delta": delta})
+        yield _sse("content_block_stop", {"index": 0})
+        ending: dict[str, Any] = {"delta": {"stop_reason": "end_turn", "stop_sequence": None}}
+        if usage is not None:
+            ending["usage"] = {"output_tokens": usage["output_tokens"]}
+        yield _sse("message_delta", ending)
+        yield _sse("message_stop", {})

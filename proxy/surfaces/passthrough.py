@@ -1,8 +1,7 @@
 """Metered pass-through: APIs Tollgate forwards as they are and charges from reported usage.
 
-Anthropic messages (until that API has a surface of its own) and the operator's
-TOLLGATE_PASSTHROUGH_PATHS are authenticated and request-limited; they reserve nothing, and a
-2xx answer that reports `usage` (JSON or an SSE event) is charged from it.
+The operator's TOLLGATE_PASSTHROUGH_PATHS are authenticated and request-limited; they reserve
+nothing, and a 2xx answer that reports `usage` (JSON or an SSE event) is charged from it.
 """
 
 from __future__ import annotations
