@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from proxy.config import Settings
-from proxy.errors import InvalidRequest, ProxyError, UpstreamFailed
+from proxy.errors import InvalidRequest, ProxyError
 from proxy.metering import (
     TOKENS_PER_IMAGE,
     TOKENS_PER_MESSAGE,
@@ -21,12 +21,11 @@ from proxy.metering import (
     event_data,
     text_tokens,
 )
-from proxy.surfaces.base import Parsed
+from proxy.surfaces.base import Parsed, expected_object
 from proxy.validation import (
     MAX_TOKENS,
     check_model,
     check_stream,
-    json_object_or_none,
     parse_json_object,
 )
 
@@ -225,12 +224,7 @@ class Messages(AnthropicErrors):
         return parsed.stream
 
     def usage_from_json(self, payload: bytes, parsed: Parsed) -> Usage | None:
-        body = json_object_or_none(payload)
-        if body is None or parsed.stream:
-            raise UpstreamFailed(
-                "Upstream answered with a body that is not a message", reason="invalid"
-            )
-        return usage_from_message(body.get("usage"))
+        return usage_from_message(expected_object(payload, parsed, "a message").get("usage"))
 
     def stream_meter(self) -> StreamMeter:
         return MessagesMeter()
@@ -259,10 +253,7 @@ class TokenCount(AnthropicErrors):
         return False
 
     def usage_from_json(self, payload: bytes, parsed: Parsed) -> Usage | None:
-        if json_object_or_none(payload) is None:
-            raise UpstreamFailed(
-                "Upstream answered with a body that is not a token count", reason="invalid"
-            )
+        expected_object(payload, parsed, "a token count")
         return Usage(0, 0, "upstream")
 
     def stream_meter(self) -> StreamMeter:
