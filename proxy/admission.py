@@ -79,7 +79,7 @@ class Admission:
         cost_micros: int | None,
     ) -> Decision:
         """Admit or raise the refusal; fills in the arrival's key name."""
-        marker = InFlight(arrival.ts, model, arrival.path, stream, prompt_estimate)
+        marker = InFlight(arrival.ts, model, arrival.route, arrival.path, stream, prompt_estimate)
         try:
             decision = await self.limiter.admit(
                 presented,

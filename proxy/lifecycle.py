@@ -249,6 +249,7 @@ class Lifecycle:
                     key_id=arrival.key_id,
                     key_name=arrival.key_name,
                     model=parsed.model,
+                    route=arrival.route,
                     path=arrival.path,
                     stream=parsed.stream,
                     status=self.status,

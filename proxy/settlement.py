@@ -73,6 +73,7 @@ def settlement(
     key_id: str,
     key_name: str,
     model: str,
+    route: str,
     path: str,
     stream: bool,
     status: int,
@@ -92,6 +93,7 @@ def settlement(
         "key_id": key_id,
         "key_name": key_name,
         "model": model,
+        "route": route,
         "path": path,
         "stream": stream,
         "status": status,
@@ -127,6 +129,7 @@ class InFlight:
 
     ts: float  # time.time() at arrival
     model: str
+    route: str  # the surface, as metrics name it
     path: str
     stream: bool
     prompt: int  # prompt-token estimate
@@ -136,6 +139,7 @@ class InFlight:
             {
                 "ts": self.ts,
                 "model": self.model,
+                "route": self.route,
                 "path": self.path,
                 "stream": self.stream,
                 "prompt": self.prompt,
@@ -154,6 +158,7 @@ class InFlight:
         return cls(
             ts=float(marker.get("ts", 0)),
             model=str(marker.get("model", "-")),
+            route=str(marker.get("route", "")),
             path=str(marker.get("path", "")),
             stream=bool(marker.get("stream", False)),
             prompt=int(marker.get("prompt", 0)),

@@ -86,6 +86,7 @@ class Sweeper:
                 key_id=key_id,
                 key_name=name or "",
                 model=marker.model,
+                route=marker.route,
                 path=marker.path,
                 stream=marker.stream,
                 status=SWEPT_STATUS,

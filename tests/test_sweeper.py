@@ -10,6 +10,7 @@ from proxy import store as keys_of
 from proxy.credits import load_prices
 from proxy.keys import Keyring, parse_key
 from proxy.limits import Limiter
+from proxy.settlement import InFlight
 from proxy.store import Store, embedded_client
 from proxy.sweeper import LOCK_KEY, SWEPT_STATUS, Sweeper
 
@@ -29,10 +30,10 @@ async def test_expired_request_gets_one_estimated_record_and_frees_its_reservati
     limiter = Limiter(store, lease_ms=LEASE_MS)
     seconds, micros = await store.client.time()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
-    marker = json.dumps(
-        {"ts": 1_700_000_000.5, "model": "gpt-4o-mini", "path": "/v1/chat/completions",
-         "stream": True, "prompt": 1200}
-    )  # fmt: skip
+    marker = InFlight(
+        ts=1_700_000_000.5, model="gpt-4o-mini", route="chat_completions",
+        path="/v1/chat/completions", stream=True, prompt=1200,
+    ).encode()  # fmt: skip
     live = await limiter.admit(
         presented, request_id="live", model="gpt-4o-mini", token_estimate=10, cost_micros=500,
         marker=marker,
@@ -63,6 +64,7 @@ async def test_expired_request_gets_one_estimated_record_and_frees_its_reservati
     assert swept[0]["request_id"] == "dead"
     assert swept[0]["usage_source"] == "estimated"
     assert swept[0]["status"] == SWEPT_STATUS
+    assert (swept[0]["route"], swept[0]["path"]) == ("chat_completions", "/v1/chat/completions")
     assert (swept[0]["prompt_tokens"], swept[0]["completion_tokens"]) == (1200, 0)
     assert swept[0]["ts"].startswith("2023-11-14T22:13:20.500")
     await store.client.delete(LOCK_KEY)

@@ -79,7 +79,8 @@ def test_a_record_replayed_days_later_is_dated_by_its_request(harness: Harness) 
     requested = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2, hours=1)
     late = settlement(
         request_id="replayed-1", client_request_id=None, ts=requested.timestamp(),
-        key_id=key["id"], key_name="k", model="gpt-4o-mini", path="/v1/chat/completions",
+        key_id=key["id"], key_name="k", model="gpt-4o-mini", route="chat_completions",
+        path="/v1/chat/completions",
         stream=False, status=200, usage=Usage(10, 5, "upstream"), cost_micros=7,
         latency_s=0.1, ttft_s=0.05,
     )  # fmt: skip

@@ -491,6 +491,7 @@ def test_chat_path_alias_answers_like_the_canonical_path(
     assert stack.mock.request_with_id(request_id)["body"] == body
     record = stack.admin.record(request_id, since=since)
     assert record["path"] == path
+    assert record["route"] == "chat_completions"
     assert record["usage_source"] == "upstream"
 
 
