@@ -66,6 +66,13 @@ OpenAI SDK, Responses API:
   response = client.responses.create(model="gpt-4o-mini", input="Hi")
   print(response.output_text)
 
+Anthropic SDK (pip install anthropic):
+  import anthropic
+  client = anthropic.Anthropic(base_url="{base_url}", api_key="{key}")
+  message = client.messages.create(model="claude-3-5-haiku-20241022", max_tokens=256,
+                                   messages=[{{"role": "user", "content": "Hi"}}])
+  print(message.content[0].text)
+
 Press Ctrl+C to stop.
 """
 

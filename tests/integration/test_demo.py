@@ -66,6 +66,17 @@ def test_demo_responses_snippet_runs_as_printed(demo: tuple[ProxyServer, str]) -
     assert done.stdout.startswith("Hello from the Tollgate mock upstream"), done.stdout
 
 
+def test_demo_anthropic_snippet_runs_as_printed(demo: tuple[ProxyServer, str]) -> None:
+    server, key = demo
+    code = snippet(server.output(), "Anthropic SDK (pip install anthropic):")
+    assert f'Anthropic(base_url="http://127.0.0.1:{server.port}", api_key="{key}")' in code
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Hello from the Tollgate mock upstream"), done.stdout
+
+
 def test_demo_shows_a_402_then_a_429(demo: tuple[ProxyServer, str]) -> None:
     server, key = demo
     headers = {"authorization": f"Bearer {key}"}
