@@ -280,3 +280,29 @@ def test_cached_prompt_tokens_are_charged_at_the_cached_price_on_every_openai_su
         assert {r["prompt_tokens"] for r in records} == {1000}
         key = harness.admin("GET", f"/admin/keys/{record['id']}").json()
         assert (key["credits"], key["reserved_credits"]) == (1 - 4 * 0.0025, 0)
+
+
+def test_anthropic_cache_writes_then_reads_are_charged_at_their_prices(harness: Any) -> None:
+    """The mock upstream writes a `cache_control` system prefix to its cache the first time and
+    reads it after: the same request costs more once, then less."""
+    record = harness.create_key(credits=1)
+    system = [{"type": "text", "text": "x" * 4000, "cache_control": {"type": "ephemeral"}}]
+    body = {"model": "claude-sonnet-4-20250514", "max_tokens": 64, "system": system,
+            "messages": [{"role": "user", "content": "Hi"}]}  # fmt: skip
+    for _ in range(2):
+        answer = harness.client.post("/v1/messages", json=body, headers=bearer(record["key"]))
+        assert answer.status_code == 200, answer.text
+    written, read = harness.export()
+    for usage_record in (written, read):
+        details = usage_record["usage_details"]
+        cache_write, cache_read = (
+            details["cache_creation_input_tokens"], details["cache_read_input_tokens"]
+        )  # fmt: skip
+        uncached = usage_record["prompt_tokens"] - cache_write - cache_read
+        # $3 input, $3.75 cache write, $0.30 cache read, $15 output per million
+        scaled = uncached * 3_000_000 + cache_write * 3_750_000 + cache_read * 300_000
+        scaled += usage_record["completion_tokens"] * 15_000_000
+        assert usage_record["cost_usd"] == micros_to_usd(-(-scaled // 10**6))
+    assert written["usage_details"]["cache_creation_input_tokens"] > 0
+    assert read["usage_details"]["cache_read_input_tokens"] > 0
+    assert written["cost_usd"] > read["cost_usd"]
