@@ -1,9 +1,9 @@
 """Benchmark: Tollgate over HTTP next to nginx as a reverse proxy and the upstream alone.
 
-A fast mock upstream (nginx answering a static chat.completion, a chat SSE stream, or a Responses
-SSE stream), a real redis-server, `tollgate serve` (1 and 2 workers, every feature on), nginx
-proxying to the same upstream and, with --litellm, LiteLLM's proxy (chat only); wrk POSTs chat
-and Responses bodies. Loopback only, bounded by
+A fast mock upstream (nginx answering a static chat.completion, a chat SSE stream, a Responses
+SSE stream or an Anthropic Messages SSE stream), a real redis-server, `tollgate serve` (1 and 2
+workers, every feature on), nginx proxying to the same upstream and, with --litellm, LiteLLM's
+proxy (chat only); wrk POSTs chat, Responses and Messages bodies. Loopback only, bounded by
 --rounds and --duration; every process it starts is stopped on exit, error or Ctrl-C.
 Run: .venv/bin/python -m tests.bench.http [--rounds 3] [--duration 5] [--smoke] [--profile 10]
 """
@@ -39,6 +39,7 @@ from tests.bench.nginx import (
     STREAM_PATH_PREFIX,
     Nginx,
     completion_body,
+    messages_stream_events,
     nginx_binary,
     nginx_server,
     responses_stream_events,
@@ -46,8 +47,9 @@ from tests.bench.nginx import (
 )
 from tests.servers import REPO, ProxyServer, RedisServer, redis_server, tollgate_env, wait_for
 
-# Chat JSON, chat stream, Responses stream; CHAT_TRAFFIC is what a chat-only target serves.
-TRAFFIC = ("json", "stream", "responses")
+# Chat JSON, chat stream, Responses stream, Anthropic Messages stream; CHAT_TRAFFIC is what a
+# chat-only target serves.
+TRAFFIC = ("json", "stream", "responses", "messages")
 CHAT_TRAFFIC = ("json", "stream")
 CONNECTIONS = (1, 32)
 WARMUP_S = 2
@@ -74,7 +76,8 @@ class BenchError(RuntimeError):
 
 def request_body(traffic: str) -> bytes:
     """The ~390-byte chat body clients send, streaming adds only `"stream": true`; the
-    Responses stream's body says the same as `instructions` and `input`."""
+    Responses stream's body says the same as `instructions` and `input`, the Anthropic
+    Messages stream's as `system` and `messages`."""
     body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": _MESSAGES, "max_tokens": 64,
                             "temperature": 0.2, "user": "bench-user-0001"}  # fmt: skip
     if traffic == "stream":
@@ -83,6 +86,10 @@ def request_body(traffic: str) -> bytes:
         body = {"model": "gpt-4o-mini", "instructions": _MESSAGES[0]["content"],
                 "input": _MESSAGES[1]["content"], "max_output_tokens": 64, "temperature": 0.2,
                 "user": "bench-user-0001", "stream": True}  # fmt: skip
+    if traffic == "messages":
+        body = {"model": "claude-3-5-haiku-20241022", "max_tokens": 64, "stream": True,
+                "system": _MESSAGES[0]["content"], "temperature": 0.2,
+                "messages": [_MESSAGES[1]], "metadata": {"user_id": "bench-user-0001"}}  # fmt: skip
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -90,12 +97,25 @@ def upstream_answer(traffic: str) -> bytes:
     """What the mock upstream answers to `traffic`, byte for byte."""
     if traffic == "json":
         return completion_body()
-    return b"".join(stream_events() if traffic == "stream" else responses_stream_events())
+    events = {"stream": stream_events, "responses": responses_stream_events,
+              "messages": messages_stream_events}[traffic]()  # fmt: skip
+    return b"".join(events)
+
+
+_PATHS = {"responses": "/responses", "messages": "/messages"}  # any other: /chat/completions
 
 
 def _urls(base: str, traffics: tuple[str, ...] = TRAFFIC) -> dict[str, str]:
     """traffic -> the POST URL under an OpenAI-style base URL (.../v1)."""
-    return {t: base + ("/responses" if t == "responses" else "/chat/completions") for t in traffics}
+    return {t: base + _PATHS.get(t, "/chat/completions") for t in traffics}
+
+
+# traffic -> what marks one content event, and how the stream's last event begins.
+_STREAM_SHAPES = {
+    "stream": (b'"choices":[{', b"data: [DONE]"),
+    "responses": (b'"type":"response.output_text.delta"', b"event: response.completed\n"),
+    "messages": (b'"type":"content_block_delta"', b"event: message_stop\n"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,12 +184,11 @@ def check(target: Target) -> dict[str, Any]:
         expected = upstream_answer(traffic)
         status, body = _post(target, traffic)
         events = [e for e in body.split(b"\n\n") if e]
-        if traffic == "responses":
-            chunks = sum(1 for e in events if b'"type":"response.output_text.delta"' in e)
-            done = events[-1:] and events[-1].startswith(b"event: response.completed\n")
-        else:
-            chunks = sum(1 for e in events if b'"choices":[{' in e)
-            done = events[-1:] == [b"data: [DONE]"]
+        chunks, done = 0, False
+        if traffic in _STREAM_SHAPES:
+            content, last = _STREAM_SHAPES[traffic]
+            chunks = sum(1 for e in events if content in e)
+            done = bool(events) and events[-1].startswith(last)
         found[traffic] = {
             "status": status,
             "bytes": len(body),

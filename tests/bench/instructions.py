@@ -5,16 +5,18 @@ compared on a busy machine. Each measurement runs the app in process (a real red
 in-process upstream, httpx's ASGI client) under `valgrind --tool=callgrind` twice, with a small
 and a larger number of requests; the difference divided by the extra requests is one request's
 cost, start-up excluded. It counts the proxy process only (not Redis), and the ASGI client's
-share too (the same in every version). Loopback only, bounded by --requests.
+share too (the same in every version). Requests and answers are the HTTP benchmark's (a chat
+JSON request, and its three 20-chunk streams: chat, Responses, Anthropic Messages), so their
+counts explain its CPU figures. Loopback only, bounded by --requests.
 
-Run: .venv/bin/python -m tests.bench.instructions [--requests 300] [--traffic json stream]
+Run: .venv/bin/python -m tests.bench.instructions [--requests 300]
+         [--traffic json stream responses-stream messages-stream]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import shutil
 import subprocess
@@ -24,37 +26,44 @@ from pathlib import Path
 
 import httpx
 
+from tests.bench.http import request_body, upstream_answer
 from tests.servers import ADMIN_TOKEN, redis_server
 
-COMPLETION = json.dumps(
-    {
-        "id": "c", "object": "chat.completion", "created": 0, "model": "gpt-4o-mini",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
-                     "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
-    }
-).encode()  # fmt: skip
-CHUNK = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi "}}]}\n\n'  # noqa: E501
-STREAM = (
-    CHUNK * 20
-    + b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":20}}\n\n'
-    + b"data: [DONE]\n\n"
-)
+# --traffic -> the HTTP benchmark's traffic (its request body and its upstream's answer).
+TRAFFIC = {
+    "json": "json",
+    "stream": "stream",
+    "responses-stream": "responses",
+    "messages-stream": "messages",
+}
+_PATHS = {"responses": "/v1/responses", "messages": "/v1/messages"}  # else /v1/chat/completions
 WARMUP = 50
 
 
 def _upstream(request: httpx.Request) -> httpx.Response:
-    if request.url.path.endswith("/models"):
+    """The HTTP benchmark's mock upstream, in process: the same bytes for the same request."""
+    path = request.url.path
+    if path.endswith("/models"):
         return httpx.Response(200, json={"object": "list", "data": []})
-    if b'"stream":true' in request.content.replace(b" ", b""):
-        return httpx.Response(
-            200, stream=httpx.ByteStream(STREAM), headers={"content-type": "text/event-stream"}
-        )
-    return httpx.Response(200, content=COMPLETION, headers={"content-type": "application/json"})
+    if path.endswith("/responses"):
+        traffic = "responses"
+    elif path.endswith("/messages"):
+        traffic = "messages"
+    else:
+        traffic = "stream" if b'"stream":true' in request.content.replace(b" ", b"") else "json"
+    if traffic == "json":
+        headers = {"content-type": "application/json"}
+        return httpx.Response(200, content=upstream_answer(traffic), headers=headers)
+    return httpx.Response(
+        200,
+        stream=httpx.ByteStream(upstream_answer(traffic)),
+        headers={"content-type": "text/event-stream"},
+    )
 
 
-async def drive(requests: int, stream: bool, redis_url: str, spool: str) -> None:
-    """The measured process: `requests` chat requests through the app, after a warm-up."""
+async def drive(requests: int, traffic: str, redis_url: str, spool: str) -> None:
+    """The measured process: `requests` requests of `traffic` (one of TRAFFIC's values) through
+    the app, after a warm-up."""
     from proxy.app import create_app
     from proxy.config import Settings
     from proxy.store import open_store
@@ -76,13 +85,18 @@ async def drive(requests: int, stream: bool, redis_url: str, spool: str) -> None
                       "credits": 10**6},
                 headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
             )  # fmt: skip
-            headers = {"authorization": f"Bearer {created.json()['key']}"}
-            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}],
-                    "stream": stream}  # fmt: skip
-            for _ in range(WARMUP + requests):
-                answer = await client.post("/v1/chat/completions", json=body, headers=headers)
+            headers = {
+                "authorization": f"Bearer {created.json()['key']}",
+                "content-type": "application/json",
+            }
+            path = _PATHS.get(traffic, "/v1/chat/completions")
+            body = request_body(traffic)
+            for index in range(WARMUP + requests):
+                answer = await client.post(path, content=body, headers=headers)
                 if answer.status_code != 200:
                     raise SystemExit(f"unexpected {answer.status_code}: {answer.text}")
+                if index == 0 and traffic != "json" and answer.content != upstream_answer(traffic):
+                    raise SystemExit(f"the {traffic} stream was not relayed byte for byte")
 
 
 def _instructions(requests: int, traffic: str, redis_url: str, valgrind: str) -> int:
@@ -105,16 +119,14 @@ def _instructions(requests: int, traffic: str, redis_url: str, valgrind: str) ->
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=300, help="extra requests (10-5000)")
-    parser.add_argument(
-        "--traffic", nargs="+", choices=("json", "stream"), default=["json", "stream"]
-    )
+    parser.add_argument("--traffic", nargs="+", choices=tuple(TRAFFIC), default=list(TRAFFIC))
     parser.add_argument("--drive", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     parser.add_argument("--spool", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.drive is not None:  # the process callgrind measures
         asyncio.run(
-            drive(options.drive, options.traffic[0] == "stream", options.redis_url, options.spool)
+            drive(options.drive, TRAFFIC[options.traffic[0]], options.redis_url, options.spool)
         )
         return 0
     if not 10 <= options.requests <= 5000:
@@ -122,12 +134,16 @@ def main() -> int:
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         raise SystemExit("valgrind is needed: apt-get install valgrind")
+    counts: dict[str, float] = {}
     with redis_server() as redis:
         for traffic in options.traffic:
             base = _instructions(1, traffic, redis.url, valgrind)
             more = _instructions(1 + options.requests, traffic, redis.url, valgrind)
-            per_request = (more - base) / options.requests
-            print(f"{traffic:6} {per_request / 1000:,.0f} k instructions per request", flush=True)
+            counts[traffic] = per_request = (more - base) / options.requests
+            line = f"{traffic:16} {per_request / 1000:,.0f} k instructions per request"
+            if traffic.endswith("-stream") and counts.get("stream"):
+                line += f" ({per_request / counts['stream']:.3f} x the chat stream's)"
+            print(line, flush=True)
     return 0
 
 

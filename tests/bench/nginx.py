@@ -111,6 +111,39 @@ def responses_stream_events() -> list[bytes]:
     return events
 
 
+_MESSAGE_ID = "msg_01Bench0123456789"
+_ANTHROPIC_MODEL = "claude-3-5-haiku-20241022"
+
+
+def messages_stream_events() -> list[bytes]:
+    """The static Anthropic Messages stream: `message_start` with the input tokens,
+    `content_block_start`, CONTENT_CHUNKS `content_block_delta` text deltas,
+    `content_block_stop`, `message_delta` with the output tokens, then `message_stop`."""
+    message: dict[str, object] = {
+        "id": _MESSAGE_ID, "type": "message", "role": "assistant", "content": [],
+        "model": _ANTHROPIC_MODEL, "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 39, "cache_creation_input_tokens": 0,
+                  "cache_read_input_tokens": 0, "output_tokens": 1},
+    }  # fmt: skip
+    events = [
+        _sse_event({"type": "message_start", "message": message}),
+        _sse_event({"type": "content_block_start", "index": 0,
+                    "content_block": {"type": "text", "text": ""}}),
+    ]  # fmt: skip
+    for index in range(CONTENT_CHUNKS):
+        events.append(_sse_event({
+            "type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": f"w{index} "},
+        }))  # fmt: skip
+    events.append(_sse_event({"type": "content_block_stop", "index": 0}))
+    events.append(_sse_event({
+        "type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+        "usage": {"output_tokens": CONTENT_CHUNKS},
+    }))  # fmt: skip
+    events.append(_sse_event({"type": "message_stop"}))
+    return events
+
+
 def _quoted(text: bytes) -> str:
     """An nginx single-quoted string; `$` would start a variable, so it must not occur."""
     value = text.decode()
@@ -154,7 +187,7 @@ def _sse_return(events: list[bytes]) -> str:
 
 def upstream_config(directory: Path, port: int) -> str:
     """The mock upstream: a chat.completion, or the SSE stream when asked for one; on
-    /v1/responses, always the Responses stream."""
+    /v1/responses, always the Responses stream; on /v1/messages, always the Anthropic stream."""
     header = "$http_" + STREAM_HEADER.lower().replace("-", "_")
     servers = f"""    server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
@@ -170,6 +203,9 @@ def upstream_config(directory: Path, port: int) -> str:
         }}
         location = /v1/responses {{
 {_sse_return(responses_stream_events())}
+        }}
+        location = /v1/messages {{
+{_sse_return(messages_stream_events())}
         }}
     }}"""
     return _main(directory, servers)

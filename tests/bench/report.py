@@ -114,35 +114,53 @@ def load_table(rows_: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# The streams compared with the chat stream ("stream"): Responses and Anthropic Messages.
+_OTHER_STREAMS = ("responses", "messages")
+
+
 def stream_cpu(rows_: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per target serving both: proxy CPU per chat stream and per Responses stream (medians),
-    and the Responses stream's as a ratio of the chat stream's."""
+    """Per target serving the chat stream and another: proxy CPU per chat stream, per Responses
+    stream and per Anthropic Messages stream (medians), and each as a ratio of the chat
+    stream's (`responses_ratio`, `messages_ratio`)."""
     by = {(r["target"], r["traffic"]): r for r in rows_}
     out = []
     for target in dict.fromkeys(r["target"] for r in rows_):
-        chat, responses = by.get((target, "stream")), by.get((target, "responses"))
-        if chat is None or responses is None or target == BASELINE:
+        chat = by.get((target, "stream"))
+        others = {k: by[(target, k)] for k in _OTHER_STREAMS if (target, k) in by}
+        if chat is None or not others or target == BASELINE:
             continue
         entry: dict[str, Any] = {"target": target}
         for n in ("c32", "c1"):
             chat_us = chat[n]["proxy_cpu_us_per_request"]
-            responses_us = responses[n]["proxy_cpu_us_per_request"]
-            entry[n] = {"chat_stream_us": chat_us, "responses_stream_us": responses_us,
-                        "ratio": round(responses_us / chat_us, 3) if chat_us else None}  # fmt: skip
+            figures: dict[str, Any] = {"chat_stream_us": chat_us}
+            for traffic, row in others.items():
+                us = row[n]["proxy_cpu_us_per_request"]
+                figures[f"{traffic}_stream_us"] = us
+                figures[f"{traffic}_ratio"] = round(us / chat_us, 3) if chat_us else None
+            entry[n] = figures
         out.append(entry)
     return out
 
 
+def _us(figures: dict[str, Any], field: str) -> str:
+    value = figures.get(field)
+    return "—" if value is None else f"{value:.0f}"
+
+
 def stream_cpu_table(entries: list[dict[str, Any]]) -> str:
     lines = ["| target | proxy CPU µs per chat stream c32 / c1 | per Responses stream c32 / c1 "
-             "| Responses ÷ chat c32 / c1 |", "|---|---:|---:|---:|"]  # fmt: skip
+             "| per Anthropic stream c32 / c1 | Responses ÷ chat c32 / c1 "
+             "| Anthropic ÷ chat c32 / c1 |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for e in entries:
         c32, c1 = e["c32"], e["c1"]
-        lines.append(
-            f"| {e['target']} | {c32['chat_stream_us']:.0f} / {c1['chat_stream_us']:.0f} | "
-            f"{c32['responses_stream_us']:.0f} / {c1['responses_stream_us']:.0f} | "
-            f"{c32['ratio']} / {c1['ratio']} |"
-        )
+        cells = [f"{_us(c32, 'chat_stream_us')} / {_us(c1, 'chat_stream_us')}"]
+        for traffic in _OTHER_STREAMS:
+            field = f"{traffic}_stream_us"
+            cells.append(f"{_us(c32, field)} / {_us(c1, field)}")
+        for traffic in _OTHER_STREAMS:
+            field = f"{traffic}_ratio"
+            cells.append(f"{c32.get(field, '—')} / {c1.get(field, '—')}")
+        lines.append(f"| {e['target']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

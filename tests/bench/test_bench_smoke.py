@@ -14,6 +14,7 @@ from tests.bench.http import BACKGROUND_TRIPS
 from tests.bench.load import wrk_binary
 from tests.bench.nginx import (
     CONTENT_CHUNKS,
+    messages_stream_events,
     nginx_binary,
     responses_stream_events,
     stream_events,
@@ -40,16 +41,17 @@ def test_http_benchmark_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "tests.bench.http", "--smoke", "--json", str(out)]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        output, _ = process.communicate(timeout=120)
+        # Four traffic types take about 70 s on a quiet 2-core machine, 110 s beside other work.
+        output, _ = process.communicate(timeout=180)
     except subprocess.TimeoutExpired:
         process.terminate()  # SIGTERM: the benchmark stops every server it started, then exits
         output, _ = process.communicate(timeout=60)
-        pytest.fail(f"the smoke run took over 120 s:\n{output.decode()[-4000:]}")
+        pytest.fail(f"the smoke run took over 180 s:\n{output.decode()[-4000:]}")
     assert process.returncode == 0, output.decode()[-4000:]
     result = json.loads(out.read_text(encoding="utf-8"))
 
     rows = {(r["target"], r["traffic"]): r for r in result["rows"]}
-    traffics = ("json", "stream", "responses")
+    traffics = ("json", "stream", "responses", "messages")
     assert set(rows) == {(t, k) for t in ("tollgate-1w", "direct") for k in traffics}
     for row in rows.values():
         for connections in ("c1", "c32"):
@@ -83,11 +85,20 @@ def test_http_benchmark_smoke_run_reports_every_figure(tmp_path: Path) -> None:
         "status": 200, "bytes": len(b"".join(responses_stream_events())), "identical": True,
         "chunks": CONTENT_CHUNKS, "done": True,
     }  # fmt: skip
+    assert result["checks"]["tollgate-1w"]["messages"] == {
+        "status": 200, "bytes": len(b"".join(messages_stream_events())), "identical": True,
+        "chunks": CONTENT_CHUNKS, "done": True,
+    }  # fmt: skip
     assert CONTENT_CHUNKS == 20
-    # The Responses stream's CPU is reported beside the chat stream's, from the same run.
+    # The Responses and Anthropic streams' CPU is reported beside the chat stream's, from the
+    # same run.
     (cpu,) = result["stream_cpu"]
     assert cpu["target"] == "tollgate-1w"
-    assert cpu["c32"]["chat_stream_us"] > 0 and cpu["c32"]["responses_stream_us"] > 0
+    for connections in ("c1", "c32"):
+        figures = cpu[connections]
+        assert figures["chat_stream_us"] > 0
+        assert figures["responses_stream_us"] > 0 and figures["responses_ratio"] > 0
+        assert figures["messages_stream_us"] > 0 and figures["messages_ratio"] > 0
 
 
 def test_soak_short_run_leaks_nothing(tmp_path: Path) -> None:
