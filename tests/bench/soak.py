@@ -31,7 +31,7 @@ import redis
 
 from tests.admin_client import Admin
 from tests.bench import procfs, report
-from tests.bench.http import TRAFFIC, UNLIMITED_KEY, Target, check, request_body
+from tests.bench.http import CHAT_TRAFFIC, UNLIMITED_KEY, Target, check, request_body
 from tests.bench.load import Load, run_wrk, wrk_binary
 from tests.bench.nginx import (
     STREAM_HEADER,
@@ -255,8 +255,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                       redis_port=rs.port, metrics_url=server.url + "/metrics",
                       redis=client)  # fmt: skip
         check(Target(
-            name="tollgate", urls=dict.fromkeys(TRAFFIC, url),
-            roots=dict.fromkeys(TRAFFIC, probe.root), authorization=f"Bearer {key}",
+            name="tollgate", urls=dict.fromkeys(CHAT_TRAFFIC, url),  # the soak drives chat
+            roots=dict.fromkeys(CHAT_TRAFFIC, probe.root), authorization=f"Bearer {key}",
             stream_header=STREAM_HEADER, exact=True,
         ))  # fmt: skip
         requests = _requests(url, key, slow_rate)
