@@ -180,6 +180,10 @@ class MessagesMeter(StreamMeter):
         self._ended = value
 
     def _find_usage(self, event: bytes) -> None:
+        # A plain byte search first: the pattern alone would be tried at every byte of every
+        # delta event (an anchored alternative defeats the engine's literal prefix scan).
+        if b"message_start" not in event and b"message_delta" not in event:
+            return
         if _USAGE_EVENT_RE.search(event) is None:
             return
         data = event_data(event)

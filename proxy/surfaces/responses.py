@@ -96,6 +96,12 @@ class ResponsesMeter(StreamMeter):
     text_pattern = _DELTA_RE
 
     def _find_usage(self, event: bytes) -> None:
+        # A plain byte search first: the pattern alone would be tried at every byte of every
+        # delta event (an anchored alternative defeats the engine's literal prefix scan).
+        if b"response.completed" not in event and not any(
+            final in event for final in (b"response.incomplete", b"response.failed")
+        ):
+            return
         if _FINAL_RE.search(event) is None:
             return
         data = event_data(event)
