@@ -34,6 +34,7 @@ from proxy.validation import (
 # Parts that stand for an image or a file rather than text: counted as one image each.
 _MEDIA_PARTS = frozenset({"input_image", "input_file", "input_audio"})
 _FINAL_TYPES = ("response.completed", "response.incomplete", "response.failed")
+_FINAL_MARKERS = tuple(t.encode() for t in _FINAL_TYPES)
 # A final event's type, as its `event:` line or its data's `type` names it (unescaped quotes:
 # text inside a delta cannot look like this).
 _FINAL_RE = re.compile(
@@ -98,9 +99,7 @@ class ResponsesMeter(StreamMeter):
     def _find_usage(self, event: bytes) -> None:
         # A plain byte search first: the pattern alone would be tried at every byte of every
         # delta event (an anchored alternative defeats the engine's literal prefix scan).
-        if b"response.completed" not in event and not any(
-            final in event for final in (b"response.incomplete", b"response.failed")
-        ):
+        if not any(final in event for final in _FINAL_MARKERS):
             return
         if _FINAL_RE.search(event) is None:
             return
