@@ -271,7 +271,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             bound_s=options.phase1 + 40,
         )  # fmt: skip
         mix_max, most = _maximum(url, key, tmp, probe)
-        rate = LOAD_FRACTION * mix_max
+        rate = options.load_fraction * mix_max
         print(f"maximum {mix_max:.0f} req/s for the mix (wrk, 32 connections; non-streaming "
               f"alone {most.requests_per_s:.0f}); offering {rate:.0f} req/s",
               file=sys.stderr, flush=True)  # fmt: skip
@@ -301,7 +301,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "streams": options.streams, "phase1_s": options.phase1, "phase2_s": options.phase2,
             "short": options.short, "slow_stream_s": stream_s, "slow_rate_bytes_per_s": slow_rate,
-            "sample_every_s": SAMPLE_EVERY_S, "load_fraction": LOAD_FRACTION,
+            "sample_every_s": SAMPLE_EVERY_S, "load_fraction": options.load_fraction,
             "mix": list(MIX), "warm_s": WARM_S, "rss_growth_limit": RSS_GROWTH_LIMIT,
             "socket_slack": SOCKET_SLACK, "rlimit_nofile": nofile, "tollgate_workers": 1,
         },
@@ -324,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase1", type=float, default=None, help="seconds (180; short 20)")
     parser.add_argument("--phase2", type=float, default=None, help="seconds (600; short 20)")
     parser.add_argument("--short", action="store_true", help="100 streams, 20 s + 20 s")
+    parser.add_argument(
+        "--load-fraction", type=float, default=LOAD_FRACTION,
+        help=f"share of the measured maximum phase 2 offers ({LOAD_FRACTION})",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="write the report here")
     options = parser.parse_args(argv)
     for name, full, short in (("streams", 1000, 100), ("phase1", 180.0, 20.0),

@@ -103,8 +103,12 @@ def test_http_benchmark_smoke_run_reports_every_figure(tmp_path: Path) -> None:
 
 def test_soak_short_run_leaks_nothing(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
+    # Offered at 40 % of the maximum, not the full run's 70 %: on a small shared machine a
+    # scheduler stall of a second then builds no backlog whose buffers the RSS verdict would
+    # take for a leak in a phase this short.
     command = [sys.executable, "-m", "tests.bench.soak", "--short", "--streams", "50",
-               "--phase1", "10", "--phase2", "10", "--json", str(out)]  # fmt: skip
+               "--phase1", "10", "--phase2", "10", "--load-fraction", "0.4",
+               "--json", str(out)]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         output, _ = process.communicate(timeout=90)
