@@ -7,6 +7,7 @@ cluster, a server that refuses work for now) becomes StoreDown here, and nothing
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -168,12 +169,21 @@ class Store:
         with self._errors():
             if self.mux is not None:
                 return await self.mux.evalsha(script.sha, str(script.script), keys, args)
-            for _ in range(NOSCRIPT_RETRIES):
-                try:
-                    return await self.client.evalsha(script.sha, len(keys), *keys, *args)
-                except redis.exceptions.NoScriptError:  # flushed again since the last load
-                    await self._load(script, keys[0])
-            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+            if not self.cluster:  # bounded by socket_timeout; a pool wait is queueing
+                return await self._evalsha(script, keys, args)
+            # redis-py retries a timed-out cluster call after reloading the slot map, each
+            # step with its own socket timeout: one deadline makes a stall StoreDown in
+            # REDIS_TIMEOUT_S, as on the shared connection (TimeoutError is an OSError).
+            async with asyncio.timeout(REDIS_TIMEOUT_S):
+                return await self._evalsha(script, keys, args)
+
+    async def _evalsha(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
+        for _ in range(NOSCRIPT_RETRIES):
+            try:
+                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:  # flushed again since the last load
+                await self._load(script, keys[0])
+        return await self.client.evalsha(script.sha, len(keys), *keys, *args)
 
     @contextmanager
     def _errors(self) -> Iterator[None]:

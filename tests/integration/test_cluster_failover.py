@@ -185,10 +185,9 @@ async def test_every_master_stopped_is_store_down_within_the_deadline_then_recov
     )
     recovery = recovered_after(outcomes, resumed)
     print(f"recovered {recovery:.2f} s after SIGCONT")
-    # redis-py's own path may spend its socket timeout and then a connect timeout on the
-    # reinitialisation it starts after a failure; the shared connections have one deadline.
-    bound_s = REDIS_TIMEOUT_S if plain_store.mux is not None else 2 * REDIS_TIMEOUT_S
-    assert failed and slowest <= bound_s + 0.5 and recovery < 1.0
+    # One deadline on both paths: redis-py's own retries after a timeout (a slot map
+    # reload, then the call again) would otherwise ride out a 3 s stall unseen.
+    assert failed and slowest <= REDIS_TIMEOUT_S + 0.5 and recovery < 1.0
     after = await limiter.admit(
         keys[0].presented, request_id="after", model="m", token_estimate=1, cost_micros=0
     )
