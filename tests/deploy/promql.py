@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-# Metric name -> its labels, as SPEC §7 fixes them.
+# Metric name -> its labels, as SPEC §7 fixes them (the upstream_* ones per issue 14:
+# several upstreams, fallback and passive health).
 SPEC_METRICS: dict[str, frozenset[str]] = {
     "tollgate_requests_total": frozenset({"route", "model", "status", "key"}),
     "tollgate_request_duration_seconds": frozenset({"route", "model", "stream"}),
@@ -25,8 +26,18 @@ SPEC_METRICS: dict[str, frozenset[str]] = {
     "tollgate_store_errors_total": frozenset(),
     "tollgate_spooled_usage_records": frozenset(),
     "tollgate_fail_open_admissions_total": frozenset(),
+    "tollgate_upstream_requests_total": frozenset({"upstream", "outcome"}),
+    "tollgate_upstream_fallbacks_total": frozenset({"from", "to"}),
+    "tollgate_upstream_healthy": frozenset({"upstream"}),
+    "tollgate_upstream_attempt_seconds": frozenset({"upstream"}),
 }
-HISTOGRAMS = frozenset({"tollgate_request_duration_seconds", "tollgate_upstream_ttft_seconds"})
+HISTOGRAMS = frozenset(
+    {
+        "tollgate_request_duration_seconds",
+        "tollgate_upstream_ttft_seconds",
+        "tollgate_upstream_attempt_seconds",
+    }
+)
 # Prometheus adds these to every scraped series.
 TARGET_LABELS = frozenset({"job", "instance"})
 FUNCTIONS = frozenset(

@@ -101,6 +101,22 @@ def test_panels_have_unique_ids_and_fit_the_grid() -> None:
     assert _dashboard()["uid"] == "tollgate"
 
 
+def test_panels_do_not_overlap() -> None:
+    def cells(panel: dict[str, Any]) -> set[tuple[int, int]]:
+        grid = panel["gridPos"]
+        return {
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        }
+
+    taken: dict[tuple[int, int], str] = {}
+    for panel in _panels():
+        for cell in cells(panel):
+            assert cell not in taken, f"{panel['title']!r} overlaps {taken[cell]!r}"
+            taken[cell] = panel["title"]
+
+
 def test_dashboard_provider_is_a_file_provider() -> None:
     (provider,) = load_yaml(GRAFANA / "provisioning" / "dashboards" / "tollgate.yml")["providers"]
     assert provider["type"] == "file"
@@ -119,3 +135,29 @@ def test_surfaces_row_splits_requests_errors_and_latency_by_route() -> None:
     assert 'sum by (route, status) (rate(tollgate_requests_total{status!~"2..",' in exprs
     assert "sum by (route, le) (rate(tollgate_request_duration_seconds_bucket" in exprs
     assert "sum by (route, stream) (rate(tollgate_request_duration_seconds_count" in exprs
+
+
+def test_upstreams_row_shows_attempts_errors_fallbacks_health_and_latency_per_upstream() -> None:
+    """The attempt metrics carry `upstream` but neither key nor model, so these panels split by
+    upstream and take no variables."""
+    panels = _panels()
+    row = [panel["title"] for panel in panels].index("Upstreams")
+    assert panels[row]["type"] == "row"
+    exprs = []
+    for panel in panels[row + 1 :]:
+        if panel["type"] == "row":
+            break
+        exprs += [target["expr"] for target in panel["targets"]]
+    joined = " ".join(exprs)
+    attempts = "tollgate_upstream_requests_total"
+    assert f"sum by (upstream, outcome) (rate({attempts}[" in joined
+    # Error share: the failed outcomes over all attempts, per upstream.
+    (share,) = [expr for expr in exprs if "outcome=~" in expr]
+    failed = re.search(r'outcome=~"([^"]*)"', share)
+    assert failed and set(failed.group(1).split("|")) == {"5xx", "connect", "timeout", "429"}
+    assert f"/ sum by (upstream) (rate({attempts}[" in share
+    assert "sum by (from, to) (rate(tollgate_upstream_fallbacks_total[" in joined
+    assert "min by (upstream) (tollgate_upstream_healthy)" in joined
+    latency = " ".join(expr for expr in exprs if "tollgate_upstream_attempt_seconds_bucket" in expr)
+    quantiles = re.findall(r"histogram_quantile\(([\d.]+), sum by \(upstream, le\)", latency)
+    assert sorted(quantiles) == ["0.5", "0.95"]

@@ -66,16 +66,33 @@ def test_alerts_use_only_spec_metrics() -> None:
         assert problems(rule["expr"], extra=UP) == [], rule["alert"]
 
 
-def test_the_four_required_alerts_exist() -> None:
+def test_the_required_alerts_exist() -> None:
     metrics_by_alert = {rule["alert"]: metric_names(rule["expr"]) for rule in _rules()}
     required = [
         {"tollgate_rate_limited_total", "tollgate_requests_total"},
-        {"tollgate_upstream_errors_total", "tollgate_requests_total"},
         {"tollgate_store_errors_total"},
         {"tollgate_spooled_usage_records"},
+        {"tollgate_upstream_healthy"},
     ]
     for metrics in required:
         assert any(used == metrics for used in metrics_by_alert.values()), metrics
+
+
+def test_upstream_error_ratio_counts_what_clients_see() -> None:
+    """Failed attempts a fallback rescued count in tollgate_upstream_errors_total; the alert
+    reads the 502/504 answers instead, the requests on which every attempt failed."""
+    (rule,) = [rule for rule in _rules() if rule["alert"] == "TollgateUpstreamErrorRatio"]
+    assert metric_names(rule["expr"]) == {"tollgate_requests_total"}
+    assert 'tollgate_requests_total{status=~"502|504"}' in rule["expr"]
+
+
+def test_upstream_unhealthy_takes_the_lowest_value_per_upstream() -> None:
+    """One process that skips an upstream is enough; the alert names the upstream."""
+    (rule,) = [rule for rule in _rules() if rule["alert"] == "TollgateUpstreamUnhealthy"]
+    assert " ".join(rule["expr"].split()) == "min by (upstream) (tollgate_upstream_healthy) == 0"
+    assert rule["for"] == "5m"
+    assert rule["labels"]["severity"] == "warning"
+    assert "{{ $labels.upstream }}" in rule["annotations"]["summary"]
 
 
 def test_every_alert_has_a_severity_and_summary() -> None:
