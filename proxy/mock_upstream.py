@@ -11,16 +11,24 @@ ask for misbehaviour, on every generating route, so operators can watch Tollgate
 (stream without usage), `mock-gated` (each chunk waits for POST /_mock/release).
 GET /_mock/requests shows every request it received, on any path (method, path, raw path,
 query, headers, body), except its model list, which it only counts; POST /_mock/reset forgets
-them.
+them. POST /_mock/fault makes the whole process a failing upstream, for every model, so several
+mocks can play the upstreams of one model: `{"status": 503}` answers every generating route with
+that status and an error in its dialect's shape (a 429 with `retry-after: 1`), `{"stall": true}`
+never answers, `"count": n` limits either to the next n generating requests, `{}` heals it; the
+model list is unaffected and faulted requests are still recorded. A process started with
+TOLLGATE_MOCK_TAG (`create_mock_upstream_from_environ`) names itself in an `x-mock-upstream`
+header on every answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.applications import Starlette
@@ -44,6 +52,39 @@ class MockState:
         self.open_streams = 0
         self.max_open_streams = 0
         self.cached_prompts: set[str] = set()  # Anthropic prompt-cache prefixes written
+        self.fault: Fault | None = None  # set by POST /_mock/fault
+
+
+_FAULT_SHAPE = 'a fault is {"status": 400-599} or {"stall": true}, with an optional "count" >= 1'
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fault:
+    """How every generating route fails: with `status`, or by never answering (`stall`), for
+    the next `count` requests (None: until cleared)."""
+
+    status: int | None = None
+    stall: bool = False
+    count: int | None = None
+
+    @classmethod
+    def from_json(cls, raw: object) -> Fault | None:
+        """The fault a POST /_mock/fault body asks for (None: heal); ValueError when malformed."""
+        if not isinstance(raw, dict) or set(raw) - {"status", "stall", "count"}:
+            raise ValueError(_FAULT_SHAPE)
+        status, stall, count = raw.get("status"), raw.get("stall", False), raw.get("count")
+        fails = stall is True or status is not None
+        if not (
+            (status is None or (type(status) is int and 400 <= status <= 599))
+            and type(stall) is bool
+            and not (stall and status is not None)
+            and (count is None or (type(count) is int and count >= 1 and fails))
+        ):
+            raise ValueError(_FAULT_SHAPE)
+        return cls(status=status, stall=stall, count=count) if fails else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "stall": self.stall, "count": self.count}
 
 
 class _Recorder:
@@ -97,6 +138,58 @@ class _Recorder:
         await self.app(scope, replay, send)
 
 
+class _Tag:
+    """Names this mock process in an `x-mock-upstream` header on every answer, so a test with
+    several mocks sees which one answered."""
+
+    def __init__(self, app: ASGIApp, *, tag: str) -> None:
+        self.app = app
+        self.header = (b"x-mock-upstream", tag.encode("latin-1"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def tagged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, tagged)
+
+
+_Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _faultable(state: MockState, handler: _Handler, anthropic: bool = False) -> _Handler:
+    """`handler`, failing as the process's fault says while one is set."""
+
+    async def endpoint(request: Request) -> Response:
+        fault = state.fault
+        if fault is None:
+            return await handler(request)
+        if fault.count is not None:
+            state.fault = replace(fault, count=fault.count - 1) if fault.count > 1 else None
+        if fault.status is None:  # a stall: the caller's timeout ends it
+            await asyncio.sleep(3600)
+            return Response(status_code=504)
+        kind = {429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}.get(
+            fault.status, "invalid_request_error" if fault.status < 500 else "api_error"
+        )
+        if not anthropic and fault.status >= 500:
+            kind = "server_error"
+        message = f"mock upstream fault: status {fault.status}"
+        error = {"type": kind, "message": message}
+        answer = _error(error if anthropic else {**error, "param": None, "code": None},
+                        fault.status, anthropic)  # fmt: skip
+        if fault.status == 429:
+            answer.headers["retry-after"] = "1"
+        return answer
+
+    return endpoint
+
+
 def _words(reply: str) -> list[str]:
     words = reply.split(" ")
     return [w + " " for w in words[:-1]] + [words[-1]]
@@ -148,7 +241,12 @@ def _error(error: dict[str, Any], status: int, anthropic: bool) -> Response:
     )
 
 
-def create_mock_upstream(state: MockState | None = None) -> Starlette:
+def create_mock_upstream_from_environ() -> Starlette:
+    """The uvicorn factory of a mock process, tagged with TOLLGATE_MOCK_TAG when it is set."""
+    return create_mock_upstream(tag=os.environ.get("TOLLGATE_MOCK_TAG") or None)
+
+
+def create_mock_upstream(state: MockState | None = None, *, tag: str | None = None) -> Starlette:
     state = state or MockState()
 
     async def chat(request: Request) -> Response:
@@ -264,6 +362,7 @@ def create_mock_upstream(state: MockState | None = None) -> Starlette:
             "open_streams": state.open_streams,
             "max_open_streams": state.max_open_streams,
             "model_list_requests": state.model_list_requests,
+            "fault": None if state.fault is None else state.fault.to_json(),
         }
         return Response(json.dumps(answer), media_type="application/json")
 
@@ -272,23 +371,38 @@ def create_mock_upstream(state: MockState | None = None) -> Starlette:
         state.max_open_streams = state.open_streams
         return JSONResponse({"reset": True})
 
+    async def fault(request: Request) -> Response:
+        try:
+            state.fault = Fault.from_json(json.loads(await request.body() or b"{}"))
+        except ValueError as exc:  # malformed JSON too
+            return JSONResponse({"error": str(exc)}, 400)
+        return JSONResponse({"fault": None if state.fault is None else state.fault.to_json()})
+
     routes = []
     for prefix in ("", "/v1"):
         routes += [
-            Route(f"{prefix}/chat/completions", chat, methods=["POST"]),
+            Route(f"{prefix}/chat/completions", _faultable(state, chat), methods=["POST"]),
             Route(f"{prefix}/models", models, methods=["GET"]),
-            Route(f"{prefix}/embeddings", embeddings, methods=["POST"]),
-            Route(f"{prefix}/responses", responses, methods=["POST"]),
-            Route(f"{prefix}/completions", completions, methods=["POST"]),
-            Route(f"{prefix}/messages", messages, methods=["POST"]),
-            Route(f"{prefix}/messages/count_tokens", count_tokens, methods=["POST"]),
+            Route(f"{prefix}/embeddings", _faultable(state, embeddings), methods=["POST"]),
+            Route(f"{prefix}/responses", _faultable(state, responses), methods=["POST"]),
+            Route(f"{prefix}/completions", _faultable(state, completions), methods=["POST"]),
+            Route(f"{prefix}/messages", _faultable(state, messages, True), methods=["POST"]),
+            Route(
+                f"{prefix}/messages/count_tokens",
+                _faultable(state, count_tokens, True),
+                methods=["POST"],
+            ),
         ]
     routes += [
         Route("/_mock/release", release, methods=["POST"]),
         Route("/_mock/requests", seen, methods=["GET"]),
         Route("/_mock/reset", reset, methods=["POST"]),
+        Route("/_mock/fault", fault, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(_Recorder, state=state)])
+    middleware = [Middleware(_Recorder, state=state)]
+    if tag is not None:
+        middleware.insert(0, Middleware(_Tag, tag=tag))
+    app = Starlette(routes=routes, middleware=middleware)
     app.state.mock = state
     return app
 

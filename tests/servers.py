@@ -286,13 +286,18 @@ def proxy_server(
 
 
 @contextmanager
-def mock_upstream_server() -> Iterator[str]:
-    """The built-in mock upstream as a real uvicorn process; yields its base URL (…/v1)."""
+def mock_upstream_server(tag: str | None = None) -> Iterator[str]:
+    """The built-in mock upstream as a real uvicorn process; yields its base URL (…/v1). With a
+    `tag` it names itself in an `x-mock-upstream` header on every answer."""
     port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "TOLLGATE_MOCK_TAG"}
+    if tag is not None:
+        env["TOLLGATE_MOCK_TAG"] = tag
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "proxy.mock_upstream:create_mock_upstream",
+        [sys.executable, "-m", "uvicorn", "--factory",
+         "proxy.mock_upstream:create_mock_upstream_from_environ",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         wait_for(lambda: _port_open(port), what="mock upstream")

@@ -56,6 +56,14 @@ class Mock:
     def release(self, n: int = 1) -> None:
         self.client.post("/_mock/release", params={"n": n}).raise_for_status()
 
+    def fault(self, **spec: Any) -> None:
+        """Make every generating route fail as `spec` says (POST /_mock/fault): `status=503`,
+        `stall=True`, optionally `count=n` for the next n requests only."""
+        self.client.post("/_mock/fault", json=spec).raise_for_status()
+
+    def clear_fault(self) -> None:
+        self.client.post("/_mock/fault", json={}).raise_for_status()
+
     def request_with_id(self, request_id: str) -> dict[str, Any]:
         """What the upstream received for the proxied request with this id: Tollgate's own
         (`x-request-id`) or the one the client sent (`x-client-request-id`)."""
@@ -95,9 +103,10 @@ def redis_store(real_redis: RedisServer) -> RedisServer:
 
 
 @contextmanager
-def running_mock() -> Iterator[Mock]:
-    """The mock upstream as a real process, with its inspection client."""
-    with mock_upstream_server() as url:
+def running_mock(tag: str | None = None) -> Iterator[Mock]:
+    """The mock upstream as a real process, with its inspection client; `tag` names it in an
+    `x-mock-upstream` header on every answer."""
+    with mock_upstream_server(tag) as url:
         mock = Mock(url)
         try:
             yield mock
