@@ -10,19 +10,20 @@ ask for misbehaviour, on every generating route, so operators can watch Tollgate
 `mock-bad-json` (200 that is not JSON), `mock-drop` (stream cut mid-way), `mock-no-usage`
 (stream without usage), `mock-gated` (each chunk waits for POST /_mock/release).
 GET /_mock/requests shows every request it received, on any path (method, path, raw path,
-query, headers, body), except its model list, which it only counts; POST /_mock/reset forgets
-them. POST /_mock/fault makes the whole process a failing upstream, for every model, so several
-mocks can play the upstreams of one model: `{"status": 503}` answers every generating route with
-that status and an error in its dialect's shape (a 429 with `retry-after: 1`), `{"stall": true}`
-never answers, `"count": n` limits either to the next n generating requests, `{}` heals it; the
-model list is unaffected and faulted requests are still recorded. A process started with
-TOLLGATE_MOCK_TAG (`create_mock_upstream_from_environ`) names itself in an `x-mock-upstream`
-header on every answer.
+query, headers, body and its bytes' SHA-256), except its model list, which it only counts;
+POST /_mock/reset forgets them. POST /_mock/fault makes the whole process a failing upstream,
+for every model, so several mocks can play the upstreams of one model: `{"status": 503}`
+answers every generating route with that status and an error in its dialect's shape (a 429
+with `retry-after: 1`), `{"stall": true}` never answers, `"count": n` limits either to the
+next n generating requests, `{}` heals it; the model list is unaffected and faulted requests
+are still recorded. A process started with TOLLGATE_MOCK_TAG (`create_mock_upstream_from_environ`)
+names itself in an `x-mock-upstream` header on every answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import time
@@ -124,6 +125,7 @@ class _Recorder:
                 "query": scope.get("query_string", b"").decode("latin-1"),
                 "headers": {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
                 "body": body,
+                "body_sha256": hashlib.sha256(raw).hexdigest(),  # the exact bytes received
             }
         )
         replayed = False

@@ -6,6 +6,7 @@ inspection routes keep answering and every faulted request is still recorded.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -140,6 +141,18 @@ async def test_malformed_fault_is_refused_and_changes_nothing(
 
     assert response.status_code == 400
     assert (await mock.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+
+async def test_recorded_request_carries_the_sha256_of_its_exact_bytes(
+    mock: httpx.AsyncClient,
+) -> None:
+    raw = b'{ "model" : "gpt-4o-mini",\n "messages": [] }'
+
+    await mock.post("/v1/chat/completions", content=raw)
+
+    (seen,) = (await mock.get("/_mock/requests")).json()["requests"]
+    assert seen["body_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert seen["body"] == {"model": "gpt-4o-mini", "messages": []}
 
 
 async def test_untagged_mock_sends_no_tag_header() -> None:
