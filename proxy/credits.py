@@ -35,25 +35,53 @@ class Price:
 
 @dataclass(frozen=True, slots=True)
 class PriceTable:
+    """Prices by model name, or by `<upstream>/<model>` for one upstream's own price."""
+
     models: dict[str, Price] = field(default_factory=dict)
     default: Price | None = None
 
-    def price(self, model: str) -> Price | None:
-        """The model's price, else the default, else None (unpriced)."""
+    def price(self, model: str, *, upstream: str | None = None) -> Price | None:
+        """The model's price at that upstream (`[models."<upstream>/<model>"]`), else the
+        model's own, else the default, else None (unpriced)."""
+        if upstream is not None:
+            price = self.models.get(f"{upstream}/{model}")
+            if price is not None:
+                return price
         return self.models.get(model, self.default)
 
-    def cost_micros(self, model: str, prompt_tokens: int, completion_tokens: int) -> int:
+    def cost_micros(
+        self,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        *,
+        upstream: str | None = None,
+    ) -> int:
         """Every prompt token at the input price: the worst case admission reserves.
 
         Rounded up to the micro-dollar, so many small requests never cost nothing."""
-        price = self.price(model)
+        price = self.price(model, upstream=upstream)
         if price is None:
             return 0
-        scaled = prompt_tokens * price.input_micros_per_m
-        scaled += completion_tokens * price.output_micros_per_m
-        return -(-scaled // TOKENS_PER_PRICE)
+        return _worst_case(price, prompt_tokens, completion_tokens)
 
-    def usage_cost_micros(self, model: str, usage: Usage) -> int:
+    def worst_cost_micros(
+        self, model: str, upstreams: list[str], prompt_tokens: int, completion_tokens: int
+    ) -> int | None:
+        """The largest `cost_micros` over the upstreams that may answer (a request's fallback
+        candidates): what admission reserves, since any of them may be the one that is charged.
+
+        None when any of them has no price, so the request is unpriced; with no upstreams
+        named, the model's own price decides."""
+        worst = 0
+        for upstream in upstreams or (None,):
+            price = self.price(model, upstream=upstream)
+            if price is None:
+                return None
+            worst = max(worst, _worst_case(price, prompt_tokens, completion_tokens))
+        return worst
+
+    def usage_cost_micros(self, model: str, usage: Usage, *, upstream: str | None = None) -> int:
         """What a request did cost: its prompt's cache reads at `cached_input`, its cache writes
         at `cache_write`, the rest of the prompt at `input`, its completion at `output`.
 
@@ -61,7 +89,7 @@ class PriceTable:
         `cached_input`) is above `input`: Anthropic's cache writes cost 1.25 times its input,
         so a prompt written to the cache may exceed its reservation by at most the written
         tokens * (cache_write - input), charged as SPEC §5's allowed excess."""
-        price = self.price(model)
+        price = self.price(model, upstream=upstream)
         if price is None:
             return 0
         read, written = cache_tokens(usage)
@@ -72,6 +100,12 @@ class PriceTable:
         scaled += written * (price.input_micros_per_m if write_price is None else write_price)
         scaled += usage.completion_tokens * price.output_micros_per_m
         return -(-scaled // TOKENS_PER_PRICE)
+
+
+def _worst_case(price: Price, prompt_tokens: int, completion_tokens: int) -> int:
+    scaled = prompt_tokens * price.input_micros_per_m
+    scaled += completion_tokens * price.output_micros_per_m
+    return -(-scaled // TOKENS_PER_PRICE)
 
 
 def cache_tokens(usage: Usage) -> tuple[int, int]:

@@ -23,18 +23,21 @@ MAX_LABELLED_MODELS = 10_000  # the metrics' model label set stays bounded whate
 class ModelCatalog:
     """This process's copy of the model lists of the OpenAI-dialect upstreams, merged.
 
-    An upstream that cannot answer is left out of a round (and counted in the upstream error
-    metric); only when none answers is the round a failure.
+    Each upstream's last good list is kept by its name, so an upstream that cannot answer a
+    round (counted in the upstream error metric) keeps serving the list it last gave; one that
+    never answered contributes nothing. A round none answers is a failure and changes nothing.
     """
 
     def __init__(
         self, upstreams: list[Upstream], metrics: Metrics, *, refresh_s: float, timeout_s: float
     ) -> None:
-        self.upstreams = upstreams
+        # Stable by priority: the first upstream to name a model gives its entry.
+        self.upstreams = sorted(upstreams, key=lambda u: u.config.priority)
         self.metrics = metrics
         self.refresh_s = refresh_s
         self.timeout_s = timeout_s
         self.models: list[dict[str, Any]] | None = None  # None until a fetch succeeded
+        self._lists: dict[str, list[dict[str, Any]]] = {}  # upstream name -> its last good list
 
     async def current(self) -> list[dict[str, Any]]:
         """The list the background refresh keeps; fetched now only when there is none yet."""
@@ -50,28 +53,31 @@ class ModelCatalog:
             log.warning("could not fetch the upstream model list at startup: %s", exc)
 
     async def fetch(self, timeout_s: float) -> list[dict[str, Any]]:
-        """Ask every upstream for its list; the first to name a model wins its entry."""
-        merged: dict[str, dict[str, Any]] = {}
-        failure: Exception | None = None
+        """Ask every upstream for its list at once, keep each answer, and merge the kept lists:
+        the first upstream by priority to name a model wins its entry."""
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(_answer(u, timeout_s)) for u in self.upstreams]
+        failure: UpstreamFailed | UpstreamTimeout | None = None
         answered = False
-        for upstream in self.upstreams:
-            try:
-                models = await _fetch_one(upstream, timeout_s)
-            except (UpstreamFailed, UpstreamTimeout) as exc:
-                failure = exc
-                continue
-            answered = True
-            for model in models:
-                merged.setdefault(model["id"], model)
-        if not answered:
+        for upstream, task in zip(self.upstreams, tasks, strict=True):
+            if isinstance(answer := task.result(), list):
+                self._lists[upstream.name] = answer
+                answered = True
+            else:
+                failure = failure or answer
+        if not answered:  # the kept lists (and `models`) stay as they were
             raise failure or UpstreamFailed("No upstream serves a model list", reason="invalid")
+        merged: dict[str, dict[str, Any]] = {}
+        for upstream in self.upstreams:
+            for model in self._lists.get(upstream.name, ()):
+                merged.setdefault(model["id"], model)
         self.models = list(merged.values())
         room = MAX_LABELLED_MODELS - len(self.metrics.known_models)
         self.metrics.known_models.update(list(merged)[: max(room, 0)])
         return self.models
 
     async def refresh_forever(self) -> None:
-        """Refresh the list every `refresh_s`; a failed round keeps the last good list."""
+        """Refresh the list every `refresh_s`; an upstream that fails a round keeps its list."""
         while True:
             await asyncio.sleep(self.refresh_s)
             try:
@@ -80,6 +86,16 @@ class ModelCatalog:
                 log.warning("could not refresh the upstream model list: %s", exc.message)
             except Exception:  # a refresh round must never kill the loop
                 log.exception("model list refresh failed")
+
+
+async def _answer(
+    upstream: Upstream, timeout_s: float
+) -> list[dict[str, Any]] | UpstreamFailed | UpstreamTimeout:
+    """One upstream's list, or why it gave none (already counted by `failures()`)."""
+    try:
+        return await _fetch_one(upstream, timeout_s)
+    except (UpstreamFailed, UpstreamTimeout) as exc:
+        return exc
 
 
 async def _fetch_one(upstream: Upstream, timeout_s: float) -> list[dict[str, Any]]:
