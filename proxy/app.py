@@ -29,6 +29,7 @@ from proxy.errors import (
     StoreUnavailable,
 )
 from proxy.gateway import Gateway
+from proxy.health import Health
 from proxy.keys import Keyring
 from proxy.ledger import Ledger
 from proxy.limits import LEASE_MARGIN_MS, Limiter
@@ -184,7 +185,8 @@ def build_gateway(
     limiter = Limiter(store, lease_ms=lease_ms, retention_days=settings.usage_retention_days)
     metrics = Metrics(
         key_label=settings.metrics_key_label,
-        known_models=set(settings.prices.models),
+        # A price for `upstream/model` names the model `model` too.
+        known_models={n for name in settings.prices.models for n in (name, name.split("/")[-1])},
         multiprocess_dir=settings.metrics_multiprocess,
     )
     ledger = Ledger(limiter, Spool(settings.spool_dir), metrics)
@@ -202,6 +204,12 @@ def build_gateway(
         ledger=ledger,
         upstreams=upstreams,
         selection=registry,
+        health=Health(
+            [u.name for u in upstreams],
+            metrics.upstream_healthy,
+            threshold=settings.upstream_failure_threshold,
+            cooldown_s=settings.upstream_cooldown_s,
+        ),
         models=ModelCatalog(
             [u for u in registry.upstreams if u.api == "openai"],
             metrics,

@@ -39,6 +39,10 @@ ENV_VARIABLES: dict[str, str] = {
     "TOLLGATE_UPSTREAM_CA_FILE": "PEM file of extra CAs trusted for https upstreams",
     "TOLLGATE_FORWARD_HEADERS": "comma-separated extra client headers sent upstream",
     "TOLLGATE_UPSTREAMS": "TOML file of upstreams: url, api_key_env, api, models, priority",
+    "TOLLGATE_UPSTREAM_ATTEMPT_TIMEOUT": "seconds to an attempt's response head before fallback",
+    "TOLLGATE_UPSTREAM_MAX_ATTEMPTS": "upstreams tried at most for one request",
+    "TOLLGATE_UPSTREAM_FAILURE_THRESHOLD": "failures in a row that take an upstream out",
+    "TOLLGATE_UPSTREAM_COOLDOWN": "seconds an upstream is skipped before it is probed again",
     "TOLLGATE_HOST": "listen address for serve (flag --host)",
     "TOLLGATE_PORT": "listen port for serve (flag --port)",
     "TOLLGATE_WORKERS": "worker processes for serve (flag --workers)",
@@ -80,6 +84,11 @@ class Settings:
     upstream_ca_file: Path | None = None
     forward_headers: tuple[str, ...] = ()
     upstreams: tuple[UpstreamConfig, ...] = ()  # from TOLLGATE_UPSTREAMS; see upstream_configs()
+    # Fallback: an attempt with a candidate after it gets this long for its response head.
+    upstream_attempt_timeout_s: float = 60.0
+    upstream_max_attempts: int = 3
+    upstream_failure_threshold: int = 3  # failures in a row that take an upstream out...
+    upstream_cooldown_s: float = 30.0  # ...for this long, then one request probes it
 
     def upstream_configs(self) -> tuple[UpstreamConfig, ...]:
         """The registry, or the one `openai` upstream `default` of TOLLGATE_UPSTREAM_URL (which
@@ -204,6 +213,10 @@ def load_settings(
         ("TOLLGATE_MAX_HEADERS", "max_headers", True, 8),
         ("TOLLGATE_HEADER_TIMEOUT", "header_timeout_s", False, 0.1),
         ("TOLLGATE_MAX_CONNECTIONS", "max_connections", True, 1),
+        ("TOLLGATE_UPSTREAM_ATTEMPT_TIMEOUT", "upstream_attempt_timeout_s", False, 0.001),
+        ("TOLLGATE_UPSTREAM_MAX_ATTEMPTS", "upstream_max_attempts", True, 1),
+        ("TOLLGATE_UPSTREAM_FAILURE_THRESHOLD", "upstream_failure_threshold", True, 1),
+        ("TOLLGATE_UPSTREAM_COOLDOWN", "upstream_cooldown_s", False, 0),
         ("TOLLGATE_PORT", "port", True, 1),
         ("TOLLGATE_WORKERS", "workers", True, 1),
     ):

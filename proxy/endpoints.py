@@ -5,6 +5,8 @@ authenticate -> parse (the surface) -> admit -> run (the Lifecycle, which settle
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import time
 from collections.abc import Callable
 
@@ -12,7 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
-from proxy import paths
+from proxy import paths, provider
 from proxy.admission import Arrival
 from proxy.errors import (
     AuthenticationFailed,
@@ -27,9 +29,10 @@ from proxy.errors import (
 from proxy.gateway import Gateway
 from proxy.keys import PresentedKey, parse_key
 from proxy.lifecycle import Lifecycle
+from proxy.provider import Preferences
 from proxy.store import StoreDown
 from proxy.surfaces.anthropic import Messages, TokenCount
-from proxy.surfaces.base import Surface
+from proxy.surfaces.base import Parsed, Surface
 from proxy.surfaces.chat import ChatCompletions
 from proxy.surfaces.completions import Completions
 from proxy.surfaces.embeddings import Embeddings
@@ -170,16 +173,25 @@ async def _metered(
         presented = identify(request)
         raw = await read_body(request, settings.max_body_bytes)
         parsed = surface.parse(raw, settings)
+        route = gateway.selection.route(surface, parsed.model)
+        parsed, preferences = _routed(parsed, route.model, surface is not PASSTHROUGH)
     except ProxyError as exc:  # refused before admission: counted without model or key
         gateway.metrics.answered(surface.route, "", exc.status_code, "")
         raise
-    candidates = gateway.selection.candidates(surface, parsed.model)
-    if not candidates:
+    names = [u.name for u in route.candidates]
+    if preferences is not None:
+        names = preferences.apply(names)
+    if not names:
         error = ModelNotFound(
-            f"The model '{parsed.model}' does not exist or no upstream serves it", param="model"
+            f"The model '{parsed.model}' does not exist or no upstream serves it"
+            if not route.candidates
+            else f"No upstream the provider preferences allow serves the model '{parsed.model}'",
+            param="model",
         )
         gateway.metrics.answered(surface.route, parsed.model, error.status_code, "")
         raise error
+    names = gateway.health.usable(names)[: settings.upstream_max_attempts]
+    by_name = {u.name: u for u in route.candidates}
     scope = request.scope
     arrival = Arrival(
         request_id=scope["state"]["request_id"],
@@ -192,13 +204,10 @@ async def _metered(
         deadline=asyncio.get_running_loop().time() + settings.upstream_timeout_s,
         ts=time.time(),
     )
-    prices = settings.prices
     cost_micros: int | None = 0
-    if parsed.priced:
-        cost_micros = (
-            prices.cost_micros(parsed.model, parsed.prompt_estimate, parsed.completion_max)
-            if prices.price(parsed.model) is not None
-            else None
+    if parsed.priced:  # the worst case over every upstream that may answer
+        cost_micros = settings.prices.worst_cost_micros(
+            parsed.model, names, parsed.prompt_estimate, parsed.completion_max
         )
     decision = await gateway.admission.admit(
         presented,
@@ -214,7 +223,8 @@ async def _metered(
         parsed=parsed,
         surface=surface,
         decision=decision,
-        upstream=candidates[0],
+        candidates=tuple(by_name[n] for n in names),
+        health=gateway.health,
         upstream_path=upstream_path,
         method=request.method,
         client_headers=scope["headers"],
@@ -223,6 +233,22 @@ async def _metered(
         ledger=gateway.ledger,
         metrics=gateway.metrics,
     )
+
+
+def _routed(parsed: Parsed, model: str, preferring: bool) -> tuple[Parsed, Preferences | None]:
+    """The request as it goes upstream: for `name/model` the model that upstream knows, and
+    without the client's `provider` object (returned, validated). The body is re-encoded only
+    then; otherwise the client's bytes go as they are."""
+    content = parsed.content
+    renamed = model != parsed.model
+    if not preferring or content is None or (not renamed and b'"provider"' not in content):
+        return parsed, None
+    body = json.loads(content)  # the surface has parsed it already: it is an object
+    preferences = provider.preferences(body)
+    if not renamed and "provider" not in body:
+        return parsed, None
+    forwarded = provider.without_provider(body, model=model if renamed else None)
+    return dataclasses.replace(parsed, model=model, content=forwarded), preferences
 
 
 async def _key_models(request: Request) -> tuple[Gateway, list[str] | None]:

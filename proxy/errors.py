@@ -136,9 +136,9 @@ class UpstreamTimeout(ProxyError):
     error_type = "upstream_timeout"
     code = "upstream_timeout"
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, message: str | None = None) -> None:
         limit = "3-minute" if timeout_s == 180 else f"{timeout_s:g}-second"
-        super().__init__(f"Request timed out ({limit} upstream limit)")
+        super().__init__(message or f"Request timed out ({limit} upstream limit)")
 
 
 class InternalError(ProxyError):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from proxy.admission import Admission
 from proxy.config import Settings
+from proxy.health import Health
 from proxy.keys import Keyring
 from proxy.ledger import Ledger
 from proxy.metrics import Metrics
@@ -31,6 +32,7 @@ class Gateway:
     ledger: Ledger
     upstreams: list[Upstream]
     selection: Selection
+    health: Health
     models: ModelCatalog
     passthrough_paths: PassthroughPaths
     sweeper: Sweeper

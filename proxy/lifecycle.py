@@ -19,7 +19,8 @@ from starlette.types import Receive, Scope, Send
 from proxy.admission import Arrival
 from proxy.config import Settings
 from proxy.credits import micros_to_usd
-from proxy.errors import ProxyError, StoreUnavailable, UpstreamFailed
+from proxy.errors import ProxyError, StoreUnavailable, UpstreamFailed, UpstreamTimeout
+from proxy.health import Health
 from proxy.ledger import Ledger
 from proxy.limits import Decision, rate_limit_headers
 from proxy.metering import StreamMeter, Usage
@@ -63,7 +64,8 @@ class Lifecycle:
         parsed: Parsed,
         surface: Surface,
         decision: Decision,
-        upstream: Upstream,
+        candidates: tuple[Upstream, ...],
+        health: Health,
         upstream_path: str,
         method: str,
         client_headers: list[tuple[bytes, bytes]],
@@ -76,7 +78,12 @@ class Lifecycle:
         self.parsed = parsed
         self.surface = surface
         self.decision = decision
-        self.upstream = upstream
+        self.candidates = candidates  # tried in order until one answers (fallback)
+        self.health = health
+        self.upstream = candidates[0]  # the one being tried; at the end, the one that answered
+        self.attempts = 0
+        self.failed_attempts: list[str] = []  # "<upstream>: <outcome>", for the error message
+        self.reached_any = False  # an attempt got past connecting
         self.upstream_path = upstream_path
         self.method = method
         self.client_headers = client_headers
@@ -133,29 +140,20 @@ class Lifecycle:
                 async with asyncio.timeout_at(self.arrival.deadline):
                     return await self._forward(send)
         except ProxyError as exc:
+            if isinstance(exc, UpstreamFailed | UpstreamTimeout) and len(self.failed_attempts) > 1:
+                exc = _all_failed(exc, self.failed_attempts)
             self.status = exc.status_code
             if isinstance(exc, UpstreamFailed) and self.response is None:
                 self.billable = False  # no answer came back
-                # Not even connected: nothing reached the upstream, so no record and no charge.
-                self.reached = not isinstance(exc.__cause__, _NEVER_SENT)
+                # Not even connected: nothing reached an upstream, so no record and no charge.
+                self.reached = self.reached_any or not isinstance(exc.__cause__, _NEVER_SENT)
             return await self._fail(send, exc)
         except OSError:  # the server reports a client that is gone
             self.status = CLIENT_CLOSED
             return None
 
     async def _forward(self, send: Send) -> Answer | None:
-        headers = self.upstream.headers(
-            self.client_headers,
-            request_id=self.arrival.request_id,
-            client_request_id=self.arrival.client_request_id,
-        )
-        response = self.response = await self.upstream.send(
-            self.method,
-            self.upstream_path,
-            headers=headers,
-            content=self.parsed.content,
-            query=self.query,
-        )
+        response = self.response = await self._answered()
         self.ttft_s = time.perf_counter() - self.arrival.started
         status = response.status_code
         is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
@@ -166,6 +164,8 @@ class Lifecycle:
         if status >= 500 or 300 <= status < 400:
             # A redirect would name the upstream's own host; Tollgate follows none.
             self.billable = False
+            if 300 <= status < 400:
+                self.failed_attempts.append(f"{self.upstream.name}: status {status}")
             raise UpstreamFailed(f"Upstream answered with status {status}", reason="status")
         if status < 300:
             try:
@@ -178,12 +178,92 @@ class Lifecycle:
         self.status = status
         headers = response_headers(response)
         headers += rate_limit_headers(self.decision)
+        headers.append((b"x-tollgate-upstream", self.upstream.name.encode()))
         return Answer(status, headers, payload)
+
+    async def _answered(self) -> httpx.Response:
+        """Try the candidates in order until one answers: the first response head that is
+        neither a 5xx nor a 429, or the last candidate's, whatever it is. Connection
+        failures and an attempt's own timeout move on too; nothing has reached the client
+        yet, and the body goes again byte for byte under the same reservation."""
+        candidates = self.candidates
+        last = len(candidates) - 1
+        headers: list[tuple[bytes, bytes]] = []
+        for index, upstream in enumerate(candidates):
+            if index:
+                self.metrics.fell_back(self.upstream.name, upstream.name)
+            self.upstream = upstream
+            self.attempts += 1
+            headers = upstream.headers(
+                self.client_headers,
+                request_id=self.arrival.request_id,
+                client_request_id=self.arrival.client_request_id,
+            )
+            started = time.perf_counter()
+            name = upstream.name
+            self.health.attempting(name)
+            judged = False
+            try:
+                try:
+                    if index == last:  # bounded by the request's deadline alone
+                        response = await self._send(upstream, headers)
+                    else:
+                        async with asyncio.timeout(upstream.attempt_timeout_s):
+                            response = await self._send(upstream, headers)
+                except (TimeoutError, httpx.HTTPError) as exc:
+                    outcome = "timeout" if isinstance(exc, TimeoutError) else "connect"
+                    self.metrics.attempted(name, outcome, time.perf_counter() - started)
+                    self.health.failed(name)
+                    judged = True
+                    self.reached_any |= not isinstance(exc, _NEVER_SENT)
+                    self.failed_attempts.append(f"{name}: {_DESCRIBED[outcome]}")
+                    if index == last:
+                        raise  # translated and counted by failures() around the exchange
+                    self.metrics.upstream_errors.labels(outcome).inc()
+                    continue
+                status = response.status_code
+                self.metrics.attempted(name, _outcome(status), time.perf_counter() - started)
+                self.reached_any = True
+                judged = True
+                if status < 500 and status != 429:
+                    self.health.succeeded(name)
+                    return response
+                self.health.failed(name)
+                self.failed_attempts.append(f"{name}: status {status}")
+                if index == last:
+                    return response
+                self.metrics.upstream_errors.labels("status").inc()
+                with contextlib.suppress(Exception):
+                    await response.aclose()
+            finally:
+                if not judged:  # the request's deadline ran out, or the client left
+                    self._unjudged(name, started)
+        raise AssertionError("no candidate")  # a Lifecycle always has one
+
+    async def _send(self, upstream: Upstream, headers: list[tuple[bytes, bytes]]) -> httpx.Response:
+        return await upstream.send(
+            self.method,
+            self.upstream_path,
+            headers=headers,
+            content=self.parsed.content,
+            query=self.query,
+        )
+
+    def _unjudged(self, name: str, started: float) -> None:
+        """An attempt cut short by the request's deadline failed; one the client walked away
+        from says nothing about the upstream."""
+        if asyncio.get_running_loop().time() >= self.arrival.deadline:
+            self.metrics.attempted(name, "timeout", time.perf_counter() - started)
+            self.health.failed(name)
+            self.failed_attempts.append(f"{name}: {_DESCRIBED['timeout']}")
+        else:
+            self.health.ended(name)
 
     async def _relay(self, send: Send, response: httpx.Response) -> None:
         """SSE bytes pass through untouched as they arrive; the meter only watches them."""
         meter = self.meter = self.surface.stream_meter()
         headers = response_headers(response) + rate_limit_headers(self.decision)
+        headers.append((b"x-tollgate-upstream", self.upstream.name.encode()))
         self.status = response.status_code
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         self.started = True
@@ -239,7 +319,9 @@ class Lifecycle:
                 self.metrics.answered(arrival.route, parsed.model, self.status, arrival.key_name)
                 return
             usage = self._final_usage()
-            cost_micros = self.settings.prices.usage_cost_micros(parsed.model, usage)
+            upstream = self.upstream.name
+            prices = self.settings.prices
+            cost_micros = prices.usage_cost_micros(parsed.model, usage, upstream=upstream)
             elapsed = time.perf_counter() - arrival.started
             await self.ledger.settle(
                 settlement(
@@ -257,6 +339,8 @@ class Lifecycle:
                     cost_micros=cost_micros,
                     latency_s=elapsed,
                     ttft_s=self.ttft_s,
+                    upstream=upstream,
+                    attempts=self.attempts,
                 )
             )
             self.metrics.finished(
@@ -273,6 +357,27 @@ class Lifecycle:
             )
         finally:
             self.metrics.inflight.dec()
+
+
+def _outcome(status: int) -> str:
+    return "429" if status == 429 else f"{status // 100}xx"
+
+
+_DESCRIBED = {"timeout": "timed out", "connect": "connection failed"}
+
+
+def _all_failed(last: ProxyError, failed_attempts: list[str]) -> ProxyError:
+    """The error after every attempt failed: 504 when the last one ran out of time, else
+    502; the message names each attempt's outcome (upstream names only, never URLs)."""
+    outcomes = "; ".join(failed_attempts)
+    message = f"All {len(failed_attempts)} upstream attempts failed: {outcomes}"
+    error: ProxyError
+    if isinstance(last, UpstreamTimeout):
+        error = UpstreamTimeout(0, message)
+    else:
+        error = UpstreamFailed(message, reason=getattr(last, "reason", "status"))
+    error.__cause__ = last.__cause__
+    return error
 
 
 async def _stop(task: asyncio.Future[Any]) -> None:

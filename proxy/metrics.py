@@ -60,6 +60,22 @@ class Metrics:
         self.upstream_errors = Counter(
             "tollgate_upstream_errors", "Upstream failures", ["reason"], registry=r
         )
+        self.upstream_requests = Counter(
+            "tollgate_upstream_requests", "Upstream attempts, by how each ended",
+            ["upstream", "outcome"], registry=r,
+        )  # fmt: skip
+        self.upstream_fallbacks = Counter(
+            "tollgate_upstream_fallbacks", "Moves from a failed upstream to the next candidate",
+            ["from", "to"], registry=r,
+        )  # fmt: skip
+        self.upstream_healthy = Gauge(
+            "tollgate_upstream_healthy", "1 while an upstream is not skipped by passive health",
+            ["upstream"], registry=r, multiprocess_mode="livemin",
+        )  # fmt: skip
+        self.upstream_attempt = Histogram(
+            "tollgate_upstream_attempt_seconds", "Time to an attempt's response head or failure",
+            ["upstream"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.inflight = Gauge(
             "tollgate_inflight_requests", "Requests in flight", registry=r,
             multiprocess_mode="livesum",
@@ -117,6 +133,14 @@ class Metrics:
             self._child(self.tokens, (model, *keyed, "completion")).inc(completion_tokens)
         if cost_usd:
             self._child(self.cost, (model, *keyed)).inc(cost_usd)
+
+    def attempted(self, upstream: str, outcome: str, elapsed_s: float) -> None:
+        """One upstream attempt ended: `outcome` is 2xx, 3xx, 4xx, 429, 5xx, connect or timeout."""
+        self._child(self.upstream_requests, (upstream, outcome)).inc()
+        self._child(self.upstream_attempt, (upstream,)).observe(elapsed_s)
+
+    def fell_back(self, failed: str, next_upstream: str) -> None:
+        self._child(self.upstream_fallbacks, (failed, next_upstream)).inc()
 
     def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
         """`metric.labels(*labels)`, remembered: prometheus-client checks the label values and

@@ -16,6 +16,9 @@ from typing import Any
 
 DIALECTS = ("openai", "anthropic")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_FIELDS = frozenset(
+    {"url", "api_key_env", "api", "models", "priority", "connect_timeout", "attempt_timeout"}
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -30,6 +33,9 @@ class UpstreamConfig:
     also_serves: tuple[str, ...] = ()
     models: tuple[str, ...] = ()  # glob patterns; empty = any model
     priority: int = 0  # lower first among upstreams that serve a model
+    connect_timeout_s: float | None = None  # None: min(10 s, the upstream deadline)
+    # Time to the response head of an attempt with a fallback after it (None: the setting).
+    attempt_timeout_s: float | None = None
 
     def serves(self, model: str) -> bool:
         return not self.models or any(fnmatch.fnmatchcase(model, p) for p in self.models)
@@ -57,7 +63,7 @@ def _upstream(name: str, raw: Any, environ: Mapping[str, str]) -> UpstreamConfig
         raise RegistryError(f"{where}: a name is 1-64 letters, digits, _ or -")
     if not isinstance(raw, dict):
         raise RegistryError(f"{where} must be a table")
-    unknown = sorted(set(raw) - {"url", "api_key_env", "api", "models", "priority"})
+    unknown = sorted(set(raw) - _FIELDS)
     if unknown:
         raise RegistryError(f"{where}: unknown field {unknown[0]!r}")
     url = raw.get("url")
@@ -72,6 +78,13 @@ def _upstream(name: str, raw: Any, environ: Mapping[str, str]) -> UpstreamConfig
     priority = raw.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise RegistryError(f"{where}: priority must be an integer")
+    timeouts = {}
+    for setting in ("connect_timeout", "attempt_timeout"):
+        value = raw.get(setting)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise RegistryError(f"{where}: {setting} must be a number of seconds above 0")
+            timeouts[setting] = float(value)
     key_env = raw.get("api_key_env")
     api_key = None
     if key_env is not None:
@@ -85,4 +98,6 @@ def _upstream(name: str, raw: Any, environ: Mapping[str, str]) -> UpstreamConfig
         api=api,
         models=tuple(models),
         priority=priority,
+        connect_timeout_s=timeouts.get("connect_timeout"),
+        attempt_timeout_s=timeouts.get("attempt_timeout"),
     )

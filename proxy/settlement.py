@@ -81,6 +81,8 @@ def settlement(
     cost_micros: int,
     latency_s: float | None,
     ttft_s: float | None,
+    upstream: str | None = None,
+    attempts: int = 0,
 ) -> Settlement:
     """One finished request's settlement, its usage record included."""
     ts_ms = int(ts * 1000)
@@ -104,6 +106,8 @@ def settlement(
         "usage_source": usage.source,
         "latency_ms": round(latency_s * 1000, 1) if latency_s is not None else None,
         "ttft_ms": round(ttft_s * 1000, 1) if ttft_s is not None else None,
+        "upstream": upstream,  # the one that answered, else the last tried (None: swept)
+        "attempts": attempts,  # upstreams tried, fallbacks included
     }
     if usage.details:
         record["usage_details"] = usage.details

@@ -112,8 +112,10 @@ class Upstream:
             max_keepalive_connections=256,
             ca_file=settings.upstream_ca_file,  # a private CA, on top of the default store
         )
-        # Only connecting is bounded here; the whole exchange has its own deadline.
-        connect_s = min(10.0, settings.upstream_timeout_s)
+        # Only connecting is bounded here; the whole exchange has its own deadline, and an
+        # attempt with a fallback after it its own bound on the wait for the response head.
+        connect_s = config.connect_timeout_s or min(10.0, settings.upstream_timeout_s)
+        self.attempt_timeout_s = config.attempt_timeout_s or settings.upstream_attempt_timeout_s
         self._timeouts = {"timeout": {"connect": connect_s, "pool": connect_s}}
         self._urls: dict[str, httpx.URL] = {}  # parsed once per path; queries are rare
 

@@ -104,7 +104,7 @@ def test_upstream_url_alone_is_one_openai_upstream_named_default() -> None:
 def test_candidates_follow_dialect_pattern_and_priority() -> None:
     registry = _registry()
     names = lambda dialect, model: [  # noqa: E731
-        u.name for u in registry.candidates(_Dialect(dialect), model)
+        u.name for u in registry.route(_Dialect(dialect), model).candidates
     ]
     assert names("openai", "gpt-4o-mini") == ["backup", "openai"]
     assert names("openai", "o3-mini") == ["openai"]
@@ -117,13 +117,13 @@ def test_upstream_url_alone_also_serves_the_anthropic_route_and_a_file_only_what
     settings = load_settings({"TOLLGATE_UPSTREAM_URL": "http://u/v1"})
     metrics = Metrics(key_label=False, known_models=set())
     default = Registry([Upstream(c, settings, metrics) for c in settings.upstream_configs()])
-    assert [u.name for u in default.candidates(_Dialect("anthropic"), "claude-3")] == ["default"]
-    assert default.candidates(_Dialect("anthropic"), "claude-3")[0].base_url == "http://u/v1"
-    assert _registry().candidates(_Dialect("anthropic"), "gpt-4o") == []
+    [only] = default.route(_Dialect("anthropic"), "claude-3").candidates
+    assert (only.name, only.base_url) == ("default", "http://u/v1")
+    assert _registry().route(_Dialect("anthropic"), "gpt-4o").candidates == ()
 
 
 def test_an_anthropic_url_is_the_sdks_base_and_paths_go_below_its_v1() -> None:
-    [anthropic] = _registry().candidates(_Dialect("anthropic"), "claude-3")
+    [anthropic] = _registry().route(_Dialect("anthropic"), "claude-3").candidates
     assert anthropic.base_url == "https://api.anthropic.example/v1"
     explicit = UpstreamConfig(name="a", url="https://api.anthropic.example/v1", api="anthropic")
     metrics = Metrics(key_label=False, known_models=set())
@@ -132,11 +132,11 @@ def test_an_anthropic_url_is_the_sdks_base_and_paths_go_below_its_v1() -> None:
 
 def test_each_dialect_gets_the_operators_key_in_its_own_header() -> None:
     registry = _registry()
-    openai = registry.candidates(ChatCompletions(), "o3")[0]
+    openai = registry.route(ChatCompletions(), "o3").candidates[0]
     sent = dict(openai.headers([(b"authorization", b"Bearer sk-tg-client")], request_id="r"))
     assert sent[b"authorization"] == b"Bearer sk-openai"
     assert b"x-api-key" not in sent
-    anthropic = registry.candidates(_Dialect("anthropic"), "claude-3")[0]
+    anthropic = registry.route(_Dialect("anthropic"), "claude-3").candidates[0]
     sent = dict(anthropic.headers([(b"x-api-key", b"sk-tg-client")], request_id="r"))
     assert sent[b"x-api-key"] == b"sk-ant"
     assert sent[b"anthropic-version"] == b"2023-06-01"
