@@ -274,11 +274,21 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     tmp = tmp_path_factory.mktemp("prometheus-live")
     metrics_dir = tmp / "metrics"
     with redis_server() as redis, mock_upstream_server() as upstream:
+        # `mock-error` goes first to an upstream that refuses connections, then falls back to
+        # the mock (which answers it 500): the fallback panels get data.
+        registry = tmp / "upstreams.toml"
+        registry.write_text(
+            f'[upstreams.refusing]\nurl = "http://127.0.0.1:{free_port()}/v1"\n'
+            'models = ["mock-error"]\npriority = 1\n\n'
+            f'[upstreams.mock]\nurl = "{upstream}"\napi_key_env = "TOLLGATE_UPSTREAM_API_KEY"\n'
+            "priority = 2\n"
+        )
         env = tollgate_env(
             redis_url=redis.url,
             upstream_url=upstream,
             spool_dir=tmp / "spool",
             PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+            TOLLGATE_UPSTREAMS=str(registry),
         )
         args = ["serve", "--host", "127.0.0.1", "--port", "{port}", "--workers", "2"]
         with proxy_server(env=env, args=args, ready_path="/readyz") as proxy:
@@ -343,7 +353,10 @@ def test_dashboard_panels_split_by_the_labels_the_load_produced(live: Live) -> N
     credits = 'sum by (key) (rate(tollgate_credit_rejections_total{key=~".*"}[1m]))'
     assert values(credits, "key") == {"live-broke"}
     errors = "sum by (reason) (rate(tollgate_upstream_errors_total[1m]))"
-    assert values(errors, "reason") == {"status"}
+    assert values(errors, "reason") == {"status", "connect"}  # the refusing upstream's
+    attempts = "sum by (upstream, outcome) (rate(tollgate_upstream_requests_total[1m]))"
+    assert values(attempts, "upstream") == {"refusing", "mock"}
+    assert {"connect", "2xx", "5xx"} <= values(attempts, "outcome")
 
 
 def test_every_alert_expression_evaluates_and_every_rule_is_healthy(live: Live) -> None:
@@ -388,6 +401,9 @@ def test_metrics_count_exactly_across_two_workers(live: Live) -> None:
         assert _total(samples, "tollgate_requests_total", status="200", key=key_name) == count
     assert _total(samples, "tollgate_requests_total", status="502") == traffic.upstream_errors
     assert _total(samples, "tollgate_upstream_errors_total", reason="status") == 1
+    moved = {"from": "refusing", "to": "mock"}
+    assert _total(samples, "tollgate_upstream_fallbacks_total", **moved) == 1
+    assert _total(samples, "tollgate_upstream_requests_total", upstream="refusing") == 1
     limited = _total(samples, "tollgate_rate_limited_total", limit="requests")
     assert limited == traffic.rate_limited
     assert _total(samples, "tollgate_rate_limited_total") == traffic.rate_limited
