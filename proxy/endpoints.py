@@ -174,7 +174,7 @@ async def _metered(
         raw = await read_body(request, settings.max_body_bytes)
         parsed = surface.parse(raw, settings)
         route = gateway.selection.route(surface, parsed.model)
-        parsed, preferences = _routed(parsed, route.model, surface is not PASSTHROUGH)
+        parsed, preferences = _routed(parsed, route.model)
     except ProxyError as exc:  # refused before admission: counted without model or key
         gateway.metrics.answered(surface.route, "", exc.status_code, "")
         raise
@@ -235,19 +235,19 @@ async def _metered(
     )
 
 
-def _routed(parsed: Parsed, model: str, preferring: bool) -> tuple[Parsed, Preferences | None]:
+def _routed(parsed: Parsed, model: str) -> tuple[Parsed, Preferences | None]:
     """The request as it goes upstream: for `name/model` the model that upstream knows, and
     without the client's `provider` object (returned, validated). The body is re-encoded only
     then; otherwise the client's bytes go as they are."""
-    content = parsed.content
+    body = parsed.body
     renamed = model != parsed.model
-    if not preferring or content is None or (not renamed and b'"provider"' not in content):
+    if body is None or parsed.content is None or (not renamed and "provider" not in body):
         return parsed, None
-    body = json.loads(content)  # the surface has parsed it already: it is an object
     preferences = provider.preferences(body)
-    if not renamed and "provider" not in body:
-        return parsed, None
-    forwarded = provider.without_provider(body, model=model if renamed else None)
+    # From the bytes the surface would send (a stream's usage option spliced in).
+    forwarded = provider.without_provider(
+        json.loads(parsed.content), model=model if renamed else None
+    )
     return dataclasses.replace(parsed, model=model, content=forwarded), preferences
 
 

@@ -53,11 +53,17 @@ class Health:
         usable = [n for n in names if self.breakers[n].available(now)]
         return usable or names[:1]
 
-    def attempting(self, name: str) -> None:
-        """An attempt starts: past its cool-down it is the one half-open probe."""
+    def attempting(self, name: str, *, last_resort: bool = False) -> bool | None:
+        """An attempt may start: True when it is the half-open probe, False for an ordinary
+        one, None to skip it now (it was taken out, or another request probes it, since the
+        candidates were chosen). A last resort is always tried."""
         breaker = self.breakers[name]
-        if breaker.open_until:
+        if breaker.open_until == 0.0:
+            return False
+        if breaker.available(self.clock()):
             breaker.probing = True
+            return True
+        return False if last_resort else None
 
     def succeeded(self, name: str) -> None:
         breaker = self.breakers[name]
@@ -75,6 +81,8 @@ class Health:
             breaker.probing = False
             breaker.gauge.set(0)
 
-    def ended(self, name: str) -> None:
-        """An attempt ended with neither verdict (the client left): free the probe."""
-        self.breakers[name].probing = False
+    def ended(self, name: str, *, probe: bool) -> None:
+        """An attempt ended with neither verdict (the client left): if it was the probe, the
+        next request may probe instead."""
+        if probe:
+            self.breakers[name].probing = False

@@ -188,10 +188,13 @@ class Lifecycle:
         yet, and the body goes again byte for byte under the same reservation."""
         candidates = self.candidates
         last = len(candidates) - 1
-        headers: list[tuple[bytes, bytes]] = []
         for index, upstream in enumerate(candidates):
-            if index:
-                self.metrics.fell_back(self.upstream.name, upstream.name)
+            name = upstream.name
+            probe = self.health.attempting(name, last_resort=index == last)
+            if probe is None:  # taken out since the candidates were chosen
+                continue
+            if self.attempts:
+                self.metrics.fell_back(self.upstream.name, name)
             self.upstream = upstream
             self.attempts += 1
             headers = upstream.headers(
@@ -200,8 +203,6 @@ class Lifecycle:
                 client_request_id=self.arrival.client_request_id,
             )
             started = time.perf_counter()
-            name = upstream.name
-            self.health.attempting(name)
             judged = False
             try:
                 try:
@@ -237,7 +238,7 @@ class Lifecycle:
                     await response.aclose()
             finally:
                 if not judged:  # the request's deadline ran out, or the client left
-                    self._unjudged(name, started)
+                    self._unjudged(name, started, probe)
         raise AssertionError("no candidate")  # a Lifecycle always has one
 
     async def _send(self, upstream: Upstream, headers: list[tuple[bytes, bytes]]) -> httpx.Response:
@@ -249,7 +250,7 @@ class Lifecycle:
             query=self.query,
         )
 
-    def _unjudged(self, name: str, started: float) -> None:
+    def _unjudged(self, name: str, started: float, probe: bool) -> None:
         """An attempt cut short by the request's deadline failed; one the client walked away
         from says nothing about the upstream."""
         if asyncio.get_running_loop().time() >= self.arrival.deadline:
@@ -257,7 +258,7 @@ class Lifecycle:
             self.health.failed(name)
             self.failed_attempts.append(f"{name}: {_DESCRIBED['timeout']}")
         else:
-            self.health.ended(name)
+            self.health.ended(name, probe=probe)
 
     async def _relay(self, send: Send, response: httpx.Response) -> None:
         """SSE bytes pass through untouched as they arrive; the meter only watches them."""

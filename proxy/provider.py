@@ -74,9 +74,8 @@ def preferences(body: dict[str, Any]) -> Preferences | None:
 
 
 def without_provider(body: dict[str, Any], *, model: str | None = None) -> bytes:
-    """The body to forward: `provider` removed and, for `name/model`, the model upstream's name.
-
-    Re-encoded only when one of those changed it; otherwise the client's bytes go as they are."""
+    """The body to forward, re-encoded: `provider` removed and, for `name/model`, the model as
+    that upstream names it. Callers use it only when one of those changes the body."""
     forwarded = {k: v for k, v in body.items() if k != "provider"}
     if model is not None:
         forwarded["model"] = model

@@ -8,6 +8,7 @@ which also serves the Anthropic route.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -82,7 +83,11 @@ def _upstream(name: str, raw: Any, environ: Mapping[str, str]) -> UpstreamConfig
     for setting in ("connect_timeout", "attempt_timeout"):
         value = raw.get(setting)
         if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 < value < math.inf  # TOML has nan and inf
+            ):
                 raise RegistryError(f"{where}: {setting} must be a number of seconds above 0")
             timeouts[setting] = float(value)
     key_env = raw.get("api_key_env")

@@ -318,6 +318,22 @@ def test_a_body_without_provider_goes_byte_for_byte(gateway: Harness, upstreams:
     assert upstreams.tried[-1][1] == raw
 
 
+def test_a_provider_key_written_with_an_escape_is_still_read_and_removed(
+    gateway: Harness, upstreams: Upstreams
+) -> None:
+    upstreams.faults["primary"] = 503
+    key = gateway.create_key()
+    raw = (
+        b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}],'
+        b' "\\u0070rovider": {"only": ["third"]}}'
+    )
+    headers = {**bearer(key["key"]), "content-type": "application/json"}
+    response = gateway.client.post("/v1/chat/completions", content=raw, headers=headers)
+    assert response.status_code == 200, response.text
+    assert upstreams.hosts() == ["third"]
+    assert "provider" not in json.loads(upstreams.tried[-1][1])
+
+
 @pytest.mark.parametrize(
     ("provider", "param"),
     [

@@ -140,12 +140,34 @@ def test_an_attempt_ended_without_a_verdict_frees_the_probe(
     health: Health, metrics: Metrics, clock: Clock
 ) -> None:
     open_past_cooldown(health, clock, "a")
-    health.attempting("a")
-    health.ended("a")
+    probe = health.attempting("a")
+    assert probe is True
+    health.ended("a", probe=probe)
     assert health.usable(["a", "b"]) == ["a", "b"]  # the next request may probe
     assert healthy(metrics, "a") == 0.0  # but it is not closed
-    health.attempting("a")
+    assert health.attempting("a") is True
     assert health.usable(["a", "b"]) == ["b"]
+
+
+def test_an_older_attempt_that_ends_does_not_free_the_probe(health: Health, clock: Clock) -> None:
+    older = health.attempting("a")  # started while "a" was healthy
+    assert older is False
+    open_past_cooldown(health, clock, "a")
+    assert health.attempting("a") is True  # the probe
+    health.ended("a", probe=older)  # the older attempt's client left
+    assert health.usable(["a", "b"]) == ["b"]  # still one probe only
+
+
+def test_a_candidate_taken_out_since_it_was_chosen_is_skipped_unless_last(
+    health: Health, clock: Clock
+) -> None:
+    open_past_cooldown(health, clock, "a")
+    assert health.attempting("a") is True  # one request probes it
+    assert health.attempting("a") is None  # another, which chose it earlier, skips it
+    assert health.attempting("a", last_resort=True) is False  # unless nothing is left
+    fail(health, "b", THRESHOLD)
+    assert health.attempting("b") is None  # open, cooling down
+    assert health.attempting("c") is False  # healthy: an ordinary attempt
 
 
 def test_usable_keeps_the_given_order(health: Health) -> None:

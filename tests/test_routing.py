@@ -179,7 +179,9 @@ def test_each_timeout_is_read_on_its_own() -> None:
 
 
 @pytest.mark.parametrize("field", ["connect_timeout", "attempt_timeout"])
-@pytest.mark.parametrize("value", ["0", "0.0", "-1", "-0.5", "true", "false", '"5"', "[5]"])
+@pytest.mark.parametrize(
+    "value", ["0", "0.0", "-1", "-0.5", "true", "false", '"5"', "[5]", "nan", "inf", "-inf"]
+)
 def test_a_timeout_that_is_not_a_positive_number_names_its_field(field: str, value: str) -> None:
     with pytest.raises(RegistryError, match=rf"\[upstreams\.a\]: {field} must be a number"):
         _one(f"{field} = {value}")

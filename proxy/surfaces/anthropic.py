@@ -216,6 +216,7 @@ class Messages(AnthropicErrors):
             )
         _check_prompt(body)
         return Parsed(
+            body=body,
             model=model,
             stream=check_stream(body),
             content=raw,
@@ -245,6 +246,7 @@ class TokenCount(AnthropicErrors):
         model = check_model(body)
         _check_prompt(body)
         return Parsed(
+            body=body,
             model=model,
             stream=False,
             content=raw,

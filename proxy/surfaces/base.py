@@ -25,6 +25,8 @@ class Parsed:
     prompt_estimate: int  # tokens, for the tokens bucket and the worst-case cost
     completion_max: int  # tokens the answer may take
     priced: bool  # reserve the worst-case cost (False: charge only what usage reports)
+    # The client's body as parsed (before any change to `content`): routing reads `provider`.
+    body: dict[str, Any] | None = None
 
 
 class Surface(Protocol):

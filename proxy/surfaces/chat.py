@@ -48,6 +48,7 @@ class ChatCompletions(OpenAIErrors):
         if stream and settings.inject_stream_usage:
             raw = with_usage_option(raw, body)
         return Parsed(
+            body=body,
             model=model,
             stream=stream,
             content=raw,

@@ -90,6 +90,7 @@ class Completions(OpenAIErrors):
         if stream and settings.inject_stream_usage:
             raw = with_usage_option(raw, body)
         return Parsed(
+            body=body,
             model=model,
             stream=stream,
             content=raw,

@@ -27,6 +27,7 @@ class Embeddings(OpenAIErrors):
                 param="input",
             )
         return Parsed(
+            body=body,
             model=model,
             stream=False,
             content=raw,

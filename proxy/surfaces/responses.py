@@ -124,6 +124,7 @@ class Responses(OpenAIErrors):
             raise InvalidRequest("input must be a string or an array of input items", param="input")
         limit = body.get("max_output_tokens")
         return Parsed(
+            body=body,
             model=model,
             stream=stream,
             content=raw,
