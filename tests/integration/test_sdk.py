@@ -284,7 +284,7 @@ def test_response_format_json_object_passes_through_and_answer_is_json(
             {
                 "top_k": 40,
                 "repetition_penalty": 1.1,
-                "provider": {"order": ["a", "b"], "allow_fallbacks": False},
+                "transforms": {"order": ["a", "b"], "middle-out": False},
                 "x_unicode": "naïve ☃ \u0000",
             },
             id="unknown-extra-fields",

@@ -749,6 +749,10 @@ def test_last_attempt_runs_to_the_overall_deadline_and_its_timeout_is_504(
     assert "time" in message.removeprefix(prefix)
     record = routing.admin.record(request_id, since=since)
     assert (record["status"], record["upstream"], record["attempts"]) == (504, "backup", 2)
+    # As with one upstream: a request that timed out may have been worked on, so it is
+    # charged its prompt estimate at the price of the upstream that had it last.
+    assert (record["usage_source"], record["completion_tokens"]) == ("estimated", 0)
+    assert record["cost_usd"] > 0
 
 
 def test_anthropic_messages_fall_back_between_anthropic_upstreams(
