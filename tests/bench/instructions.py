@@ -10,7 +10,7 @@ JSON request, and its three 20-chunk streams: chat, Responses, Anthropic Message
 counts explain its CPU figures. Loopback only, bounded by --requests.
 
 Run: .venv/bin/python -m tests.bench.instructions [--requests 300]
-         [--traffic json stream responses-stream messages-stream]
+         [--traffic json stream responses-stream messages-stream json-3-upstreams]
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ TRAFFIC = {
     "stream": "stream",
     "responses-stream": "responses",
     "messages-stream": "messages",
+    "json-3-upstreams": "json",  # routed among three upstreams: two match, the first answers
 }
+THREE_UPSTREAMS = (("claude", "claude-*"), ("primary", "gpt-*"), ("backup", "*"))
 _PATHS = {"responses": "/v1/responses", "messages": "/v1/messages"}  # else /v1/chat/completions
 WARMUP = 50
 
@@ -61,19 +63,29 @@ def _upstream(request: httpx.Request) -> httpx.Response:
     )
 
 
-async def drive(requests: int, traffic: str, redis_url: str, spool: str) -> None:
-    """The measured process: `requests` requests of `traffic` (one of TRAFFIC's values) through
-    the app, after a warm-up."""
+async def drive(requests: int, name: str, redis_url: str, spool: str) -> None:
+    """The measured process: `requests` requests of the traffic `name` (one of TRAFFIC's keys)
+    through the app, after a warm-up."""
     from proxy.app import create_app
     from proxy.config import Settings
+    from proxy.registry import UpstreamConfig
     from proxy.store import open_store
 
+    traffic = TRAFFIC[name]
+    upstreams = tuple(
+        UpstreamConfig(
+            name=upstream, url=f"http://{upstream}.test/v1", api_key="sk-upstream",
+            models=(pattern,), priority=priority,
+        )
+        for priority, (upstream, pattern) in enumerate(THREE_UPSTREAMS)
+    ) if name == "json-3-upstreams" else ()  # fmt: skip
     settings = Settings(
         upstream_url="http://upstream.test/v1",
         upstream_api_key="sk-upstream",
         admin_token=ADMIN_TOKEN,
         redis_url=redis_url,
         spool_dir=Path(spool),
+        upstreams=upstreams,
     )
     app = create_app(settings, store=open_store(settings), transport=httpx.MockTransport(_upstream))
     async with app.router.lifespan_context(app):
@@ -97,6 +109,8 @@ async def drive(requests: int, traffic: str, redis_url: str, spool: str) -> None
                     raise SystemExit(f"unexpected {answer.status_code}: {answer.text}")
                 if index == 0 and traffic != "json" and answer.content != upstream_answer(traffic):
                     raise SystemExit(f"the {traffic} stream was not relayed byte for byte")
+                if upstreams and answer.headers.get("x-tollgate-upstream") != "primary":
+                    raise SystemExit("the three-upstream traffic was not answered by `primary`")
 
 
 def _instructions(requests: int, traffic: str, redis_url: str, valgrind: str) -> int:
@@ -125,9 +139,7 @@ def main() -> int:
     parser.add_argument("--spool", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.drive is not None:  # the process callgrind measures
-        asyncio.run(
-            drive(options.drive, TRAFFIC[options.traffic[0]], options.redis_url, options.spool)
-        )
+        asyncio.run(drive(options.drive, options.traffic[0], options.redis_url, options.spool))
         return 0
     if not 10 <= options.requests <= 5000:
         parser.error("--requests must be 10-5000")
@@ -143,6 +155,8 @@ def main() -> int:
             line = f"{traffic:16} {per_request / 1000:,.0f} k instructions per request"
             if traffic.endswith("-stream") and counts.get("stream"):
                 line += f" ({per_request / counts['stream']:.3f} x the chat stream's)"
+            if traffic == "json-3-upstreams" and counts.get("json"):
+                line += f" ({per_request / counts['json']:.3f} x one upstream's)"
             print(line, flush=True)
     return 0
 
