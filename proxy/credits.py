@@ -39,11 +39,16 @@ class PriceTable:
 
     models: dict[str, Price] = field(default_factory=dict)
     default: Price | None = None
+    # Whether any price names an upstream: without one, every upstream's price is the model's.
+    by_upstream: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_upstream", any("/" in name for name in self.models))
 
     def price(self, model: str, *, upstream: str | None = None) -> Price | None:
         """The model's price at that upstream (`[models."<upstream>/<model>"]`), else the
         model's own, else the default, else None (unpriced)."""
-        if upstream is not None:
+        if upstream is not None and self.by_upstream:
             price = self.models.get(f"{upstream}/{model}")
             if price is not None:
                 return price
@@ -74,7 +79,7 @@ class PriceTable:
         None when any of them has no price, so the request is unpriced; with no upstreams
         named, the model's own price decides."""
         worst = 0
-        for upstream in upstreams or (None,):
+        for upstream in (upstreams if self.by_upstream else None) or (None,):
             price = self.price(model, upstream=upstream)
             if price is None:
                 return None

@@ -178,10 +178,11 @@ async def _metered(
     except ProxyError as exc:  # refused before admission: counted without model or key
         gateway.metrics.answered(surface.route, "", exc.status_code, "")
         raise
-    names = [u.name for u in route.candidates]
+    candidates = route.candidates
     if preferences is not None:
-        names = preferences.apply(names)
-    if not names:
+        by_name = {u.name: u for u in candidates}
+        candidates = tuple(by_name[n] for n in preferences.apply(list(by_name)))
+    if not candidates:
         error = ModelNotFound(
             f"The model '{parsed.model}' does not exist or no upstream serves it"
             if not route.candidates
@@ -190,8 +191,10 @@ async def _metered(
         )
         gateway.metrics.answered(surface.route, parsed.model, error.status_code, "")
         raise error
-    names = gateway.health.usable(names)[: settings.upstream_max_attempts]
-    by_name = {u.name: u for u in route.candidates}
+    if gateway.health.open:  # some upstream is being skipped
+        usable = set(gateway.health.usable([u.name for u in candidates]))
+        candidates = tuple(u for u in candidates if u.name in usable)
+    candidates = candidates[: settings.upstream_max_attempts]
     scope = request.scope
     arrival = Arrival(
         request_id=scope["state"]["request_id"],
@@ -206,7 +209,9 @@ async def _metered(
     )
     cost_micros: int | None = 0
     if parsed.priced:  # the worst case over every upstream that may answer
-        cost_micros = settings.prices.worst_cost_micros(
+        prices = settings.prices
+        names = [u.name for u in candidates] if prices.by_upstream else []
+        cost_micros = prices.worst_cost_micros(
             parsed.model, names, parsed.prompt_estimate, parsed.completion_max
         )
     decision = await gateway.admission.admit(
@@ -223,7 +228,7 @@ async def _metered(
         parsed=parsed,
         surface=surface,
         decision=decision,
-        candidates=tuple(by_name[n] for n in names),
+        candidates=candidates,
         health=gateway.health,
         upstream_path=upstream_path,
         method=request.method,

@@ -45,10 +45,13 @@ class Health:
         self.cooldown_s = cooldown_s
         self.clock = clock
         self.breakers = {name: Breaker(gauge.labels(name)) for name in names}
+        self.open: set[str] = set()  # those not closed: while empty, every upstream is usable
 
     def usable(self, names: list[str]) -> list[str]:
         """Those not skipped now; never empty when `names` is not (a request is never
         refused by the health state alone: then the first is tried anyway)."""
+        if not self.open:
+            return names
         now = self.clock()
         usable = [n for n in names if self.breakers[n].available(now)]
         return usable or names[:1]
@@ -72,6 +75,7 @@ class Health:
             breaker.open_until = 0.0
             breaker.probing = False
             breaker.gauge.set(1)
+            self.open.discard(name)
 
     def failed(self, name: str) -> None:
         breaker = self.breakers[name]
@@ -80,6 +84,7 @@ class Health:
             breaker.open_until = self.clock() + self.cooldown_s
             breaker.probing = False
             breaker.gauge.set(0)
+            self.open.add(name)
 
     def ended(self, name: str, *, probe: bool) -> None:
         """An attempt ended with neither verdict (the client left): if it was the probe, the

@@ -86,6 +86,7 @@ async def drive(requests: int, name: str, redis_url: str, spool: str) -> None:
         redis_url=redis_url,
         spool_dir=Path(spool),
         upstreams=upstreams,
+        models_cache_s=10**6,  # no model-list refresh (one fetch per upstream) inside a run
     )
     app = create_app(settings, store=open_store(settings), transport=httpx.MockTransport(_upstream))
     async with app.router.lifespan_context(app):

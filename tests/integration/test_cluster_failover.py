@@ -186,8 +186,9 @@ async def test_every_master_stopped_is_store_down_within_the_deadline_then_recov
     recovery = recovered_after(outcomes, resumed)
     print(f"recovered {recovery:.2f} s after SIGCONT")
     # One deadline on both paths: redis-py's own retries after a timeout (a slot map
-    # reload, then the call again) would otherwise ride out a 3 s stall unseen.
-    assert failed and slowest <= REDIS_TIMEOUT_S + 0.5 and recovery < 1.0
+    # reload, then the call again) would otherwise ride out a 3 s stall unseen. The margin
+    # is a busy machine's event-loop latency (as in test_store_failures).
+    assert failed and slowest <= REDIS_TIMEOUT_S + 1.0 and recovery < 1.0
     after = await limiter.admit(
         keys[0].presented, request_id="after", model="m", token_estimate=1, cost_micros=0
     )
