@@ -14,8 +14,10 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -457,3 +459,101 @@ def test_serve_with_a_ca_file_that_is_not_pem_is_one_line_and_status_2(
 
     line = one_line_error(done, 2)
     assert "TOLLGATE_UPSTREAM_CA_FILE" in line and str(ca_file) in line
+
+
+def iso_seconds(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+def test_keys_create_expires_in_sets_expires_at_then_update_expires_and_clears_it(
+    stack: Stack,
+) -> None:
+    before = time.time()
+    created = cli_json(stack, "keys", "create", "--name", "expiring", "--expires-in", "1h")
+    after = time.time()
+
+    assert before + 3600 - 1 <= iso_seconds(created["expires_at"]) <= after + 3600 + 1
+    assert created["expires_at"].endswith("Z")
+    assert chat(stack, created["key"]).status_code == 200
+
+    expired = cli_json(
+        stack, "keys", "update", created["id"], "--expires-at", "2001-02-03T04:05:06Z"
+    )
+    assert expired["expires_at"] == "2001-02-03T04:05:06Z"
+    assert expired == stack.admin.key(created["id"])
+    response = chat(stack, created["key"])
+    assert response.status_code == 401
+    assert response.json()["error"]["message"] == "API key expired"
+
+    cleared = cli_json(stack, "keys", "update", created["id"], "--expires-at", "none")
+    assert cleared["expires_at"] is None
+    assert chat(stack, created["key"]).status_code == 200
+
+
+def test_keys_rotate_grace_json_keeps_the_old_key_working_until_the_time_shown(
+    stack: Stack, created: dict[str, Any]
+) -> None:
+    before = time.time()
+    rotated = cli_json(stack, "keys", "rotate", created["id"], "--grace", "1h")
+    after = time.time()
+
+    assert rotated["key"] != created["key"]
+    until = iso_seconds(rotated["previous_secret_valid_until"])
+    assert before + 3600 - 1 <= until <= after + 3600 + 1
+    assert {k: v for k, v in rotated.items() if k != "key"} == stack.admin.key(created["id"])
+    assert chat(stack, created["key"]).status_code == 200
+    assert chat(stack, rotated["key"]).status_code == 200
+
+
+def test_keys_rotate_grace_text_says_until_when_the_old_key_works(
+    stack: Stack, created: dict[str, Any]
+) -> None:
+    done = tollgate("keys", "rotate", created["id"], "--grace", "2h", redis_url=stack.redis.url)
+
+    assert done.returncode == 0, done.stderr
+    until = stack.admin.key(created["id"])["previous_secret_valid_until"]
+    lines = done.stdout.splitlines()
+    assert f"old key works until: {until} (in 1h 59m)" in lines
+    assert lines[-1].startswith("key: sk-tg-")
+
+
+def test_keys_rotate_without_grace_stops_the_old_key_at_once(
+    stack: Stack, created: dict[str, Any]
+) -> None:
+    rotated = cli_json(stack, "keys", "rotate", created["id"])
+
+    assert rotated["previous_secret_valid_until"] is None
+    assert chat(stack, created["key"]).status_code == 401
+    assert chat(stack, rotated["key"]).status_code == 200
+
+
+def test_keys_restore_json_brings_a_revoked_key_back(stack: Stack, created: dict[str, Any]) -> None:
+    cli_json(stack, "keys", "revoke", created["id"])
+    assert chat(stack, created["key"]).status_code == 401
+
+    restored = cli_json(stack, "keys", "restore", created["id"])
+
+    assert restored["revoked"] is False
+    assert restored == stack.admin.key(created["id"])
+    assert chat(stack, created["key"]).status_code == 200
+
+
+def test_credits_unlimited_json_removes_the_balance(stack: Stack, created: dict[str, Any]) -> None:
+    answer = cli_json(stack, "credits", "unlimited", created["id"])
+
+    assert answer["credits"] is None
+    assert (answer["rpm"], answer["tpm"]) == (60, 40000)
+    assert answer == stack.admin.key(created["id"])
+    assert chat(stack, created["key"]).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("keys", "restore"), ("keys", "rotate"), ("credits", "unlimited")],
+)
+def test_new_commands_on_an_unknown_key_are_one_line_and_status_1(
+    stack: Stack, args: tuple[str, ...]
+) -> None:
+    done = tollgate(*args, "0123456789abcdef", redis_url=stack.redis.url)
+
+    assert "0123456789abcdef" in one_line_error(done, 1)
