@@ -269,3 +269,28 @@ def test_key_text_after_rotate_with_grace_says_until_when_the_old_key_works() ->
         "old key works until: 2030-01-31T13:30:00Z (in 1h 30m)",
         "key: sk-tg-x   (shown only now: store it safely)",
     ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        ((*UPDATE, "--expires-at", "1969-07-20T20:17:00Z"), "--expires-at"),
+        ((*CREATE, "--rpm", str(10**13)), "--rpm"),
+        ((*UPDATE, "--name", " "), "--name"),
+        ((*UPDATE, "--allowed-models", ",".join(f"m{i}*" for i in range(65))), "--allowed-models"),
+    ],
+)
+def test_a_value_the_admin_api_refuses_is_one_line_naming_the_flag_and_status_2(
+    argv: tuple[str, ...], flag: str, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """The admin API's own checks run before the store is touched (nothing listens at the
+    store's URL: reaching it would be status 1)."""
+    monkeypatch.setenv("TOLLGATE_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+
+    status = main([*argv, "--json"])
+
+    out, err = capsys.readouterr()
+    assert (status, out) == (2, "")
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"tollgate {argv[0]} {argv[1]}: argument {flag}: ")
