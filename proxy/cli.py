@@ -481,8 +481,10 @@ def key_text(record: dict[str, Any], now: datetime | None = None) -> str:
             value += " (expired)" if expired else f" ({_from_now(value, now)})"
         lines.append(f"{field}: {value}")
     until = record.get("previous_secret_valid_until")
-    if until:
+    if until and _moment(until) > now:
         lines.append(f"old key works until: {until} ({_from_now(until, now)})")
+    elif until:
+        lines.append(f"old key stopped working at: {until} ({_from_now(until, now)})")
     if "key" in record:
         lines.append(f"key: {record['key']}   (shown only now: store it safely)")
     return "\n".join(lines)

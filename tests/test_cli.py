@@ -294,3 +294,11 @@ def test_a_value_the_admin_api_refuses_is_one_line_naming_the_flag_and_status_2(
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith(f"tollgate {argv[0]} {argv[1]}: argument {flag}: ")
+
+
+def test_key_text_after_the_grace_says_when_the_old_key_stopped_working() -> None:
+    record = {**RECORD, "previous_secret_valid_until": "2030-01-31T11:55:00Z"}
+
+    lines = key_text(record, NOW).splitlines()
+
+    assert lines[-1] == "old key stopped working at: 2030-01-31T11:55:00Z (5m ago)"
