@@ -28,6 +28,7 @@ from proxy.store import StoreDown
 
 log = logging.getLogger("tollgate")
 FAIL_OPEN_MEMORY_S = 300.0
+EXPIRED = "API key expired"
 _LIMIT_MESSAGES = {
     "requests": "Rate limit reached for requests per minute (limit: {rpm}). Try again in {wait}.",
     "tokens": "Rate limit reached for tokens per minute (limit: {tpm}). Try again in {wait}.",
@@ -131,6 +132,8 @@ class Admission:
         verdict = decision.verdict
         if verdict in ("unknown_key", "revoked"):
             return AuthenticationFailed()
+        if verdict == "expired":
+            return AuthenticationFailed(EXPIRED)
         if verdict == "model_not_allowed":
             return ModelNotAllowed(f"This API key is not allowed to use the model '{model}'")
         if verdict == "unpriced":

@@ -72,6 +72,58 @@ def _models_field(models: list[str] | None) -> str:
     return "" if not models else "\n" + "\n".join(models) + "\n"
 
 
+def iso_ms(ms: str | int | None) -> str | None:
+    """ms since the epoch as ISO 8601 UTC (`…Z`), or None."""
+    if ms is None or ms == "":
+        return None
+    when = datetime.fromtimestamp(int(ms) / 1000, UTC)
+    return when.isoformat(timespec="milliseconds" if int(ms) % 1000 else "seconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def _segment(part: str) -> re.Pattern[str]:
+    return re.compile("".join("." if c == "?" else re.escape(c) for c in part), re.DOTALL)
+
+
+def glob_matches(pattern: str, model: str) -> bool:
+    """The admission script's glob: `*` any run of characters, `?` any one, nothing else.
+
+    As in the script, without backtracking: the parts between stars have fixed lengths, so
+    taking each at its leftmost place is exact."""
+    parts = pattern.split("*")
+    if len(parts) == 1:
+        return _segment(pattern).fullmatch(model) is not None
+    first, last = parts[0], parts[-1]
+    stop = len(model) - len(last)
+    if stop < len(first):
+        return False
+    if not _segment(first).fullmatch(model[: len(first)]):
+        return False
+    if not _segment(last).fullmatch(model[stop:]):
+        return False
+    pos = len(first)
+    for part in parts[1:-1]:
+        found = _segment(part).search(model, pos, stop)
+        if found is None:
+            return False
+        pos = found.end()
+    return True
+
+
+def model_allowed(patterns: list[str] | None, model: str) -> bool:
+    return patterns is None or any(glob_matches(p, model) for p in patterns)
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What key authentication outside the hot path found: `ok`, `unknown` or `expired`,
+    and the key's allowed model patterns (None = all)."""
+
+    verdict: str
+    models: list[str] | None = None
+
+
 def record_json(fields: dict[str, str]) -> dict[str, Any]:
     """The admin API's view of a stored record (never the hash)."""
     models = [m for m in fields.get("models", "").split("\n") if m]
@@ -90,6 +142,8 @@ def record_json(fields: dict[str, str]) -> dict[str, Any]:
         "metadata": json.loads(fields.get("metadata", "{}")),
         "created_at": fields.get("created_at", ""),
         "revoked": fields.get("revoked") == "1",
+        "expires_at": iso_ms(fields.get("expires_ms")),
+        "previous_secret_valid_until": iso_ms(fields.get("prev_until_ms")),
     }
 
 
@@ -111,6 +165,7 @@ class Keyring:
         credits_micros: int | None,
         allowed_models: list[str] | None,
         metadata: dict[str, Any],
+        expires_ms: int | None = None,
     ) -> dict[str, Any]:
         """A new key; the answer is the only place its secret `key` ever appears."""
         if credits_micros is not None and abs(credits_micros) > MAX_BALANCE_MICROS:
@@ -130,6 +185,8 @@ class Keyring:
         fields.update({k: str(v) for k, v in limits.items() if v is not None})
         if credits_micros is not None:
             fields["credits"] = str(credits_micros)
+        if expires_ms is not None:
+            fields["expires_ms"] = str(expires_ms)
         client = self.store.client
         await self.store.call(lambda: client.hset(store.record_key(key_id), mapping=fields))
         await self.store.call(lambda: client.sadd(store.KEY_INDEX, key_id))
@@ -144,16 +201,36 @@ class Keyring:
         )
         return fields or None
 
-    async def authenticate(self, presented: PresentedKey) -> list[str] | bool | None:
-        """Check a key outside the hot path; False when unknown or revoked, else its models."""
+    async def now_ms(self) -> int:
+        """The store's clock, as the scripts read it."""
+        client = self.store.client
+        seconds, micros = await self.store.call(lambda: client.time())
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def authenticate(self, presented: PresentedKey) -> Access:
+        """Check a key outside the hot path (the current secret, or the previous one within
+        its grace), as the admission script does."""
         client = self.store.client
         rkey = store.record_key(presented.key_id)
-        stored, revoked, models = await self.store.call(
-            lambda: client.hmget(rkey, ["hash", "revoked", "models"])
+        stored, revoked, models, expires, prev_hash, prev_until = await self.store.call(
+            lambda: client.hmget(
+                rkey, ["hash", "revoked", "models", "expires_ms", "prev_hash", "prev_until_ms"]
+            )
         )
-        if stored is None or not hmac.compare_digest(stored, presented.key_hash) or revoked == "1":
-            return False
-        return [m for m in models.split("\n") if m] or None if models else None
+        if stored is None or revoked == "1":
+            return Access("unknown")
+        now = await self.now_ms() if expires or prev_hash else 0
+        current = hmac.compare_digest(stored, presented.key_hash)
+        previous = (
+            prev_hash is not None
+            and hmac.compare_digest(prev_hash, presented.key_hash)
+            and now < int(prev_until or 0)
+        )
+        if not (current or previous):
+            return Access("unknown")
+        if expires and now >= int(expires):
+            return Access("expired")
+        return Access("ok", [m for m in (models or "").split("\n") if m] or None)
 
     async def get(self, key_id: str) -> dict[str, Any] | None:
         fields = await self._fields(key_id)
@@ -175,8 +252,11 @@ class Keyring:
         limits: dict[str, int | None] | None = None,
         allowed_models: list[str] | bool | None = False,
         metadata: dict[str, Any] | None = None,
+        expires_ms: int | bool | None = False,
+        unlimited_credits: bool = False,
     ) -> dict[str, Any] | None:
-        """Change what is given; a limit of None means unlimited; allowed_models False = keep."""
+        """Change what is given; a limit of None means unlimited; allowed_models and
+        expires_ms False = keep, None = none; unlimited_credits drops the balance."""
         if await self._fields(key_id) is None:
             return None
         changes: dict[str, str] = {}
@@ -193,6 +273,13 @@ class Keyring:
             changes["models"] = _models_field(models)
         if metadata is not None:
             changes["metadata"] = json.dumps(metadata)
+        if expires_ms is None:
+            removals.append("expires_ms")
+        elif expires_ms is not False:
+            changes["expires_ms"] = str(int(expires_ms))
+        if unlimited_credits:
+            # Open reservations stay counted in "reserved" and are released as they settle.
+            removals.append("credits")
         client = self.store.client
         rkey = store.record_key(key_id)
         if changes:
@@ -208,17 +295,33 @@ class Keyring:
         await self.store.call(lambda: client.hset(store.record_key(key_id), "revoked", "1"))
         return await self.get(key_id)
 
-    async def rotate(self, key_id: str) -> dict[str, Any] | None:
-        """A new secret for the same id; the old key stops working on its next request."""
+    async def restore(self, key_id: str) -> dict[str, Any] | None:
+        """Undo a revoke: the key works again from its next request."""
+        if await self._fields(key_id) is None:
+            return None
+        client = self.store.client
+        await self.store.call(lambda: client.hset(store.record_key(key_id), "revoked", "0"))
+        return await self.get(key_id)
+
+    async def rotate(self, key_id: str, *, grace_s: int = 0) -> dict[str, Any] | None:
+        """A new secret for the same id. The old one stops working on its next request, or,
+        with a grace, once the grace has passed (the admission script checks the time)."""
         fields = await self._fields(key_id)
         if fields is None:
             return None
         key = new_key(key_id)
         client = self.store.client
-        await self.store.call(
-            lambda: client.hset(store.record_key(key_id), mapping={"hash": hash_key(key)})
-        )
-        return {**record_json(fields), "key": key}
+        rkey = store.record_key(key_id)
+        changes = {"hash": hash_key(key)}
+        if grace_s > 0:
+            until = await self.now_ms() + grace_s * 1000
+            changes.update(prev_hash=fields["hash"], prev_until_ms=str(until))
+            await self.store.call(lambda: client.hset(rkey, mapping=changes))
+        else:
+            await self.store.call(lambda: client.hset(rkey, mapping=changes))
+            await self.store.call(lambda: client.hdel(rkey, "prev_hash", "prev_until_ms"))
+            fields.pop("prev_until_ms", None)
+        return {**record_json({**fields, **changes}), "key": key}
 
     async def add_credits(self, key_id: str, amount_micros: int) -> dict[str, Any] | None:
         """Add (or remove, when negative) credits; a key without a balance starts from 0.

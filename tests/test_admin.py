@@ -25,6 +25,8 @@ RECORD_FIELDS = {
     "rpm",
     "tpm",
     "max_concurrency",
+    "expires_at",
+    "previous_secret_valid_until",
     "credits",
     "reserved_credits",
     "allowed_models",

@@ -1,7 +1,8 @@
 -- Authenticate one API key and admit one request, all or nothing, in one round trip.
 --
 -- KEYS[1]  key record hash     tollgate:key:{id}        hash, name, rpm, tpm, max_concurrency,
---                                                       models, revoked, credits, reserved
+--                                                       models, revoked, credits, reserved,
+--                                                       expires_ms, prev_hash, prev_until_ms
 -- KEYS[2]  bucket hash         tollgate:bucket:{id}     r, rt (requests level, ms), t, tt (tokens)
 -- KEYS[3]  in-flight zset      tollgate:inflight:{id}   request id -> lease expiry (ms)
 -- KEYS[4]  reservations hash   tollgate:reserved:{id}   request id -> "micros:tokens:<marker>"
@@ -16,8 +17,10 @@
 --
 -- Returns {verdict, name, rpm, requests_remaining, requests_reset_ms, tpm, tokens_remaining,
 --          tokens_reset_ms, retry_after_ms}; limits absent from the key are returned as -1.
--- verdict: ok | unknown_key | revoked | model_not_allowed | unpriced | requests | tokens |
---          concurrency | credits. Only "ok" writes anything.
+-- verdict: ok | unknown_key | revoked | expired | model_not_allowed | unpriced | requests |
+--          tokens | concurrency | credits. Only "ok" writes anything.
+-- The presented key is the current secret, or the previous one until prev_until_ms (a rotation
+-- with grace). Allowed models are glob patterns (`*` any run, `?` one character).
 
 local record_key, bucket_key, inflight_key, reserved_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local key_hash, request_id, model = ARGV[1], ARGV[2], ARGV[4]
@@ -26,22 +29,90 @@ local cost_micros = tonumber(ARGV[6])
 local lease_ms = tonumber(ARGV[7])
 
 local rec = redis.call('HMGET', record_key,
-  'hash', 'name', 'rpm', 'tpm', 'max_concurrency', 'models', 'revoked', 'credits', 'reserved')
-if not rec[1] or rec[1] ~= key_hash then
+  'hash', 'name', 'rpm', 'tpm', 'max_concurrency', 'models', 'revoked', 'credits', 'reserved',
+  'expires_ms', 'prev_hash', 'prev_until_ms')
+if not rec[1] then
   return {'unknown_key'}
-end
-local name = rec[2] or ''
-if rec[7] == '1' then
-  return {'revoked', name}
-end
-if rec[6] and rec[6] ~= '' and not string.find(rec[6], '\n' .. model .. '\n', 1, true) then
-  return {'model_not_allowed', name}
 end
 
 local now = tonumber(ARGV[3])
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+if rec[1] ~= key_hash
+    and not (rec[11] == key_hash and now < (tonumber(rec[12]) or 0)) then
+  return {'unknown_key'}
+end
+local name = rec[2] or ''
+if rec[7] == '1' then
+  return {'revoked', name}
+end
+if rec[10] and now >= tonumber(rec[10]) then
+  return {'expired', name}
+end
+
+-- A glob segment (no `*`) as a Lua pattern: magic characters escaped, `?` any one character.
+local function segment_pattern(segment)
+  return (string.gsub(string.gsub(segment, '[%^%$%(%)%%%.%[%]%+%-]', '%%%0'), '%?', '.'))
+end
+
+-- Glob match without backtracking: the parts between stars are fixed-length, so taking each
+-- at its leftmost place is exact; each find is linear in the model name.
+local function glob_matches(glob, text)
+  if not string.find(glob, '[%*%?]') then
+    return glob == text
+  end
+  local parts, from = {}, 1
+  while true do
+    local star = string.find(glob, '*', from, true)
+    if not star then
+      parts[#parts + 1] = string.sub(glob, from)
+      break
+    end
+    parts[#parts + 1] = string.sub(glob, from, star - 1)
+    from = star + 1
+  end
+  if #parts == 1 then
+    return string.find(text, '^' .. segment_pattern(parts[1]) .. '$') ~= nil
+  end
+  local first, last = parts[1], parts[#parts]
+  if #first + #last > #text then
+    return false
+  end
+  if not string.find(string.sub(text, 1, #first), '^' .. segment_pattern(first) .. '$') then
+    return false
+  end
+  local stop = #text - #last
+  if not string.find(string.sub(text, stop + 1), '^' .. segment_pattern(last) .. '$') then
+    return false
+  end
+  local middle, pos = string.sub(text, 1, stop), #first + 1
+  for i = 2, #parts - 1 do
+    if parts[i] ~= '' then
+      local _, finish = string.find(middle, segment_pattern(parts[i]), pos)
+      if not finish then
+        return false
+      end
+      pos = finish + 1
+    end
+  end
+  return true
+end
+
+local models = rec[6]
+if models and models ~= '' and not string.find(models, '\n' .. model .. '\n', 1, true) then
+  local allowed = false
+  for glob in string.gmatch(models, '[^\n]+') do
+    if string.find(glob, '[%*%?]') and glob_matches(glob, model) then
+      allowed = true
+      break
+    end
+  end
+  if not allowed then
+    return {'model_not_allowed', name}
+  end
 end
 
 local rpm, tpm, max_concurrency = tonumber(rec[3]), tonumber(rec[4]), tonumber(rec[5])
