@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 from proxy.errors import (
     AuthenticationFailed,
+    BudgetExceeded,
     InsufficientCredits,
     ModelNotAllowed,
     ProxyError,
     RateLimited,
     StoreUnavailable,
 )
-from proxy.keys import PresentedKey
+from proxy.keys import PresentedKey, iso_ms
 from proxy.ledger import Ledger
 from proxy.limits import Decision, Limiter, rate_limit_headers, retry_headers
 from proxy.metrics import Metrics
@@ -109,6 +110,10 @@ class Admission:
                 refusal = self._refusal(decision, model)
                 self.metrics.answered(arrival.route, model, refusal.status_code, decision.key_name)
                 raise refusal
+            if decision.budget_micros:
+                self.metrics.budget_used(
+                    decision.key_name, decision.budget_spent_micros / decision.budget_micros
+                )
             if self.fail_open:
                 self.recent_keys[presented.key_hash] = (
                     decision.key_name,
@@ -142,10 +147,18 @@ class Admission:
             )
         metrics = self.metrics
         if verdict == "credits":
-            metrics.credit_rejections.labels(*metrics.keyed(name)).inc()
+            metrics.credit_rejections.labels(*metrics.keyed(name, "credits")).inc()
             return InsufficientCredits(
                 "Insufficient credits: the balance cannot cover this request's maximum cost. "
                 "Add credits or lower max_tokens."
+            )
+        if verdict == "budget":
+            metrics.credit_rejections.labels(*metrics.keyed(name, "budget")).inc()
+            resets = iso_ms(decision.budget_resets_ms)
+            return BudgetExceeded(
+                f"Budget exceeded: this API key's budget for the period cannot cover this "
+                f"request's maximum cost. It resets at {resets}.",
+                headers=retry_headers(decision.retry_after_ms),
             )
         metrics.rate_limited.labels(*metrics.keyed(name, verdict)).inc()
         wait = f"{decision.retry_after_ms / 1000:.3g}s"

@@ -12,6 +12,7 @@ from typing import Any
 from proxy.credits import usd_to_micros
 from proxy.errors import InvalidRequest
 from proxy.keys import LIMIT_FIELDS, MAX_BALANCE_USD
+from proxy.periods import PERIODS
 from proxy.validation import MAX_MODEL_CHARS
 
 # Limits stay far below 2**53, where the Lua scripts' numbers would stop being exact.
@@ -94,6 +95,38 @@ def expires_ms(value: object) -> int | None:
     return ms
 
 
+def budget(value: object) -> tuple[int, str] | None:
+    """`{amount, period}` as (micro-dollars, period), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidRequest(
+            'budget must be an object {"amount": USD, "period": "day"|"week"|"month"} or null',
+            param="budget",
+        )
+    unknown = sorted(set(value) - {"amount", "period"})
+    if unknown:
+        raise InvalidRequest(f"unknown budget field {unknown[0]!r}", param="budget")
+    amount = value.get("amount")
+    if (
+        isinstance(amount, bool)
+        or not isinstance(amount, int | float)
+        or not math.isfinite(amount)
+        or not 0 < amount <= MAX_BALANCE_USD
+    ):
+        raise InvalidRequest(
+            f"budget.amount must be a number of USD above 0 and at most {MAX_BALANCE_USD:,}",
+            param="budget.amount",
+        )
+    period = value.get("period")
+    if period not in PERIODS:
+        raise InvalidRequest("budget.period must be day, week or month", param="budget.period")
+    micros = usd_to_micros(amount)
+    if micros <= 0:
+        raise InvalidRequest("budget.amount must be at least 0.000001 USD", param="budget.amount")
+    return micros, str(period)
+
+
 def grace_seconds(payload: dict[str, Any]) -> int:
     """A rotation's `grace_seconds`: 0 to 30 days, default 0."""
     unknown = sorted(set(payload) - {"grace_seconds"})
@@ -120,7 +153,9 @@ def _metadata(value: object) -> dict[str, Any]:
 
 def parse_key_fields(payload: dict[str, Any], *, creating: bool) -> dict[str, Any]:
     """Check a create/update payload; returns Keyring keyword arguments."""
-    known = {"name", "credits", "allowed_models", "metadata", "expires_at", *LIMIT_FIELDS}
+    known = {
+        "name", "credits", "allowed_models", "metadata", "expires_at", "budget", *LIMIT_FIELDS
+    }  # fmt: skip
     unknown = sorted(set(payload) - known)
     if unknown:
         raise InvalidRequest(f"unknown field {unknown[0]!r}", param=unknown[0])
@@ -142,6 +177,8 @@ def parse_key_fields(payload: dict[str, Any], *, creating: bool) -> dict[str, An
         out["metadata"] = _metadata(payload.get("metadata"))
     if "expires_at" in payload:
         out["expires_ms"] = expires_ms(payload["expires_at"])
+    if "budget" in payload:
+        out["budget"] = budget(payload["budget"])
     if creating:
         credits = payload.get("credits")
         out["credits_micros"] = None if credits is None else usd_amount("credits", credits)

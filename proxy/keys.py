@@ -21,6 +21,7 @@ from redis.commands.core import AsyncScript
 from proxy import store
 from proxy.credits import MICROS_PER_USD, micros_to_usd
 from proxy.errors import InvalidRequest
+from proxy.periods import period_bounds
 from proxy.store import Store
 
 KEY_PREFIX = "sk-tg-"
@@ -124,6 +125,30 @@ class Access:
     models: list[str] | None = None
 
 
+BUDGET_FIELDS = (
+    "budget_micros",
+    "budget_period",
+    "budget_spent",
+    "budget_reserved",
+    "budget_start",
+)
+
+
+def _budget_json(fields: dict[str, str]) -> dict[str, Any]:
+    """The budget, what the current period has spent (0 once a new period began) and when
+    it resets."""
+    if "budget_micros" not in fields:
+        return {"budget": None, "budget_spent": 0.0, "budget_resets_at": None}
+    period = fields.get("budget_period", "month")
+    start, end = period_bounds(period, datetime.now(UTC))
+    current = fields.get("budget_start") == str(int(start.timestamp() * 1000))
+    return {
+        "budget": {"amount": micros_to_usd(int(fields["budget_micros"])), "period": period},
+        "budget_spent": micros_to_usd(int(fields.get("budget_spent", "0"))) if current else 0.0,
+        "budget_resets_at": end.isoformat().replace("+00:00", "Z"),
+    }
+
+
 def record_json(fields: dict[str, str]) -> dict[str, Any]:
     """The admin API's view of a stored record (never the hash)."""
     models = [m for m in fields.get("models", "").split("\n") if m]
@@ -142,6 +167,7 @@ def record_json(fields: dict[str, str]) -> dict[str, Any]:
         "metadata": json.loads(fields.get("metadata", "{}")),
         "created_at": fields.get("created_at", ""),
         "revoked": fields.get("revoked") == "1",
+        **_budget_json(fields),
         "expires_at": iso_ms(fields.get("expires_ms")),
         "previous_secret_valid_until": iso_ms(fields.get("prev_until_ms")),
     }
@@ -166,6 +192,7 @@ class Keyring:
         allowed_models: list[str] | None,
         metadata: dict[str, Any],
         expires_ms: int | None = None,
+        budget: tuple[int, str] | None = None,
     ) -> dict[str, Any]:
         """A new key; the answer is the only place its secret `key` ever appears."""
         if credits_micros is not None and abs(credits_micros) > MAX_BALANCE_MICROS:
@@ -187,6 +214,8 @@ class Keyring:
             fields["credits"] = str(credits_micros)
         if expires_ms is not None:
             fields["expires_ms"] = str(expires_ms)
+        if budget is not None:
+            fields["budget_micros"], fields["budget_period"] = str(budget[0]), budget[1]
         client = self.store.client
         await self.store.call(lambda: client.hset(store.record_key(key_id), mapping=fields))
         await self.store.call(lambda: client.sadd(store.KEY_INDEX, key_id))
@@ -254,10 +283,12 @@ class Keyring:
         metadata: dict[str, Any] | None = None,
         expires_ms: int | bool | None = False,
         unlimited_credits: bool = False,
+        budget: tuple[int, str] | bool | None = False,
     ) -> dict[str, Any] | None:
         """Change what is given; a limit of None means unlimited; allowed_models and
         expires_ms False = keep, None = none; unlimited_credits drops the balance."""
-        if await self._fields(key_id) is None:
+        current = await self._fields(key_id)
+        if current is None:
             return None
         changes: dict[str, str] = {}
         removals: list[str] = []
@@ -280,6 +311,13 @@ class Keyring:
         if unlimited_credits:
             # Open reservations stay counted in "reserved" and are released as they settle.
             removals.append("credits")
+        if budget is None:
+            removals.extend(BUDGET_FIELDS)
+        elif isinstance(budget, tuple):
+            changes["budget_micros"], changes["budget_period"] = str(budget[0]), budget[1]
+            if current.get("budget_period") != budget[1]:
+                # A new kind of period starts afresh; open reservations settle harmlessly.
+                removals.append("budget_start")
         client = self.store.client
         rkey = store.record_key(key_id)
         if changes:

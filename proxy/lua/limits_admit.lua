@@ -2,10 +2,15 @@
 --
 -- KEYS[1]  key record hash     tollgate:key:{id}        hash, name, rpm, tpm, max_concurrency,
 --                                                       models, revoked, credits, reserved,
---                                                       expires_ms, prev_hash, prev_until_ms
+--                                                       expires_ms, prev_hash, prev_until_ms,
+--                                                       budget_micros, budget_period,
+--                                                       budget_spent, budget_reserved,
+--                                                       budget_start (ms, the period spent is of)
 -- KEYS[2]  bucket hash         tollgate:bucket:{id}     r, rt (requests level, ms), t, tt (tokens)
 -- KEYS[3]  in-flight zset      tollgate:inflight:{id}   request id -> lease expiry (ms)
--- KEYS[4]  reservations hash   tollgate:reserved:{id}   request id -> "micros:tokens:<marker>"
+-- KEYS[4]  reservations hash   tollgate:reserved:{id}   request id -> "micros:tokens:<marker>",
+--                                                       "<request id>|x" -> "<budget micros>:
+--                                                       <period start ms>:<model pattern>"
 -- ARGV[1]  SHA-256 hex of the presented key
 -- ARGV[2]  request id
 -- ARGV[3]  now in ms, or "" to use the Redis clock
@@ -16,9 +21,12 @@
 -- ARGV[8]  marker: JSON the sweeper turns into an estimated record if the proxy dies
 --
 -- Returns {verdict, name, rpm, requests_remaining, requests_reset_ms, tpm, tokens_remaining,
---          tokens_reset_ms, retry_after_ms}; limits absent from the key are returned as -1.
+--          tokens_reset_ms, retry_after_ms, budget_micros, budget_spent_micros,
+--          budget_resets_ms}; limits absent from the key are returned as -1.
 -- verdict: ok | unknown_key | revoked | expired | model_not_allowed | unpriced | requests |
---          tokens | concurrency | credits. Only "ok" writes anything.
+--          tokens | concurrency | credits | budget. Only "ok" writes anything.
+-- A budget is a spend cap per UTC day, week (from Monday) or month: the worst case is reserved
+-- against what the period has left, so racing requests never together exceed it.
 -- The presented key is the current secret, or the previous one until prev_until_ms (a rotation
 -- with grace). Allowed models are glob patterns (`*` any run, `?` one character).
 
@@ -30,7 +38,8 @@ local lease_ms = tonumber(ARGV[7])
 
 local rec = redis.call('HMGET', record_key,
   'hash', 'name', 'rpm', 'tpm', 'max_concurrency', 'models', 'revoked', 'credits', 'reserved',
-  'expires_ms', 'prev_hash', 'prev_until_ms')
+  'expires_ms', 'prev_hash', 'prev_until_ms',
+  'budget_micros', 'budget_period', 'budget_spent', 'budget_reserved', 'budget_start')
 if not rec[1] then
   return {'unknown_key'}
 end
@@ -159,6 +168,64 @@ if verdict == 'ok' and credits then
   end
 end
 
+-- The UTC calendar period holding `now`, as [start, end) in ms (civil dates after H. Hinnant).
+local DAY_MS = 86400000
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local doy = math.floor((153 * ((m + 9) % 12) + 2) / 5) + d - 1
+  return era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
+end
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+local function period_bounds(period)
+  local day = math.floor(now / DAY_MS)
+  if period == 'week' then
+    local monday = day - (day + 3) % 7  -- day 0, 1970-01-01, was a Thursday
+    return monday * DAY_MS, (monday + 7) * DAY_MS
+  elseif period == 'month' then
+    local y, m = civil_from_days(day)
+    local ny, nm = y, m + 1
+    if nm > 12 then ny, nm = y + 1, 1 end
+    return days_from_civil(y, m, 1) * DAY_MS, days_from_civil(ny, nm, 1) * DAY_MS
+  end
+  return day * DAY_MS, (day + 1) * DAY_MS
+end
+
+local budget = tonumber(rec[13])
+local budget_spent, budget_held, budget_end, budget_start = 0, 0, -1, ''
+local budget_rolled = false
+if budget then
+  local start, finish = period_bounds(rec[14])
+  budget_start, budget_end = string.format('%d', start), finish
+  if rec[17] == budget_start then
+    budget_spent, budget_held = tonumber(rec[15]) or 0, tonumber(rec[16]) or 0
+  else
+    budget_rolled = true  -- a new period: what the last one spent or holds no longer counts
+  end
+  if verdict == 'ok' then
+    local left = budget - budget_spent - budget_held
+    if cost_micros < 0 then
+      verdict = 'unpriced'
+    elseif left <= 0 or left < cost_micros then
+      verdict = 'budget'
+      retry_ms = budget_end - now
+    end
+  end
+end
+
 if verdict == 'ok' then
   local levels = {}
   if rpm then
@@ -181,6 +248,15 @@ if verdict == 'ok' then
   if credits then
     redis.call('HINCRBY', record_key, 'reserved', cost_micros)
   end
+  if budget then
+    if budget_rolled then
+      redis.call('HSET', record_key, 'budget_start', budget_start, 'budget_spent', 0,
+        'budget_reserved', 0)
+    end
+    redis.call('HINCRBY', record_key, 'budget_reserved', cost_micros)
+    redis.call('HSET', reserved_key, request_id .. '|x',
+      string.format('%d:%s:', cost_micros, budget_start))
+  end
 end
 
 local function remaining(capacity, current)
@@ -190,4 +266,5 @@ local function remaining(capacity, current)
 end
 local r = remaining(rpm, requests_level)
 local t = remaining(tpm, tokens_level)
-return {verdict, name, r[1], r[2], r[3], t[1], t[2], t[3], retry_ms}
+return {verdict, name, r[1], r[2], r[3], t[1], t[2], t[3], retry_ms,
+  budget or -1, budget_spent, budget_end}

@@ -2,10 +2,13 @@
 -- trip: no charge and no usage record. Idempotent, and a no-op for an id that was never
 -- admitted or was already settled or released.
 --
--- KEYS[1]  key record hash     tollgate:key:{id}         rpm, tpm, reserved
+-- KEYS[1]  key record hash     tollgate:key:{id}         rpm, tpm, reserved, budget_reserved,
+--                                                        budget_start
 -- KEYS[2]  bucket hash         tollgate:bucket:{id}      r (requests level), t (tokens level)
 -- KEYS[3]  in-flight zset      tollgate:inflight:{id}    request id -> lease expiry (ms)
--- KEYS[4]  reservations hash   tollgate:reserved:{id}    request id -> "micros:tokens:<marker>"
+-- KEYS[4]  reservations hash   tollgate:reserved:{id}    request id -> "micros:tokens:<marker>",
+--                                                        "<request id>|x" -> "<budget micros>:
+--                                                        <period start ms>:<model pattern>"
 -- KEYS[5]  settled zset        tollgate:settled:{id}     request id -> settle time (ms)
 -- ARGV[1]  request id
 -- ARGV[2]  settled-id retention in ms (as for settlement)
@@ -53,6 +56,15 @@ if reservation then
   end
   if estimate and estimate ~= 0 and rec[2] and bucket[2] then
     redis.call('HINCRBYFLOAT', bucket_key, 't', estimate)
+  end
+end
+local extra_field = request_id .. '|x'
+local extra = redis.call('HGET', reserved_key, extra_field)
+if extra then
+  redis.call('HDEL', reserved_key, extra_field)
+  local held, start = string.match(extra, '^(%-?%d+):(%d*):')
+  if start and start ~= '' and start == redis.call('HGET', record_key, 'budget_start') then
+    redis.call('HINCRBY', record_key, 'budget_reserved', -tonumber(held))
   end
 end
 return 1
