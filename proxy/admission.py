@@ -33,6 +33,10 @@ EXPIRED = "API key expired"
 _LIMIT_MESSAGES = {
     "requests": "Rate limit reached for requests per minute (limit: {rpm}). Try again in {wait}.",
     "tokens": "Rate limit reached for tokens per minute (limit: {tpm}). Try again in {wait}.",
+    "model_requests": "Rate limit reached for requests per minute of model '{model}' "
+    "(limit: {rpm}). Try again in {wait}.",
+    "model_tokens": "Rate limit reached for tokens per minute of model '{model}' "
+    "(limit: {tpm}). Try again in {wait}.",
     "concurrency": "Too many concurrent requests for this key. Try again when one has finished.",
 }
 
@@ -160,8 +164,11 @@ class Admission:
                 f"request's maximum cost. It resets at {resets}.",
                 headers=retry_headers(decision.retry_after_ms),
             )
-        metrics.rate_limited.labels(*metrics.keyed(name, verdict)).inc()
+        limit = verdict.removeprefix("model_")
+        metrics.rate_limited.labels(*metrics.keyed(name, limit)).inc()
         wait = f"{decision.retry_after_ms / 1000:.3g}s"
-        message = _LIMIT_MESSAGES[verdict].format(rpm=decision.rpm, tpm=decision.tpm, wait=wait)
+        message = _LIMIT_MESSAGES[verdict].format(
+            rpm=decision.rpm, tpm=decision.tpm, wait=wait, model=model
+        )
         headers = {k.decode(): v.decode() for k, v in rate_limit_headers(decision)}
         return RateLimited(message, headers={**headers, **retry_headers(decision.retry_after_ms)})

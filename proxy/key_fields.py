@@ -127,6 +127,40 @@ def budget(value: object) -> tuple[int, str] | None:
     return micros, str(period)
 
 
+MAX_MODEL_LIMITS = 64
+MAX_PATTERN_CHARS = 256
+
+
+def model_limits(value: object) -> list[tuple[str, int | None, int | None]] | None:
+    """`{"<glob>": {rpm?, tpm?}}` in the order given, or None."""
+    if value is None:
+        return None
+    message = (
+        f"model_limits must be null or an object of at most {MAX_MODEL_LIMITS} model patterns "
+        f"(1 to {MAX_PATTERN_CHARS} characters, no tabs or line breaks) to "
+        f'{{"rpm": integer|null, "tpm": integer|null}}'
+    )
+    if not isinstance(value, dict) or len(value) > MAX_MODEL_LIMITS:
+        raise InvalidRequest(message, param="model_limits")
+    out: list[tuple[str, int | None, int | None]] = []
+    for pattern, limits in value.items():
+        if (
+            not 0 < len(pattern) <= MAX_PATTERN_CHARS
+            or any(c in pattern for c in "\t\n\r")
+            or not isinstance(limits, dict)
+            or set(limits) - {"rpm", "tpm"}
+        ):
+            raise InvalidRequest(message, param="model_limits")
+        rpm, tpm = limits.get("rpm"), limits.get("tpm")
+        for limit in (rpm, tpm):
+            if limit is not None and (
+                isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_LIMIT
+            ):
+                raise InvalidRequest(message, param="model_limits")
+        out.append((pattern, rpm, tpm))
+    return out or None
+
+
 def grace_seconds(payload: dict[str, Any]) -> int:
     """A rotation's `grace_seconds`: 0 to 30 days, default 0."""
     unknown = sorted(set(payload) - {"grace_seconds"})
@@ -154,7 +188,8 @@ def _metadata(value: object) -> dict[str, Any]:
 def parse_key_fields(payload: dict[str, Any], *, creating: bool) -> dict[str, Any]:
     """Check a create/update payload; returns Keyring keyword arguments."""
     known = {
-        "name", "credits", "allowed_models", "metadata", "expires_at", "budget", *LIMIT_FIELDS
+        "name", "credits", "allowed_models", "metadata", "expires_at", "budget", "model_limits",
+        *LIMIT_FIELDS,
     }  # fmt: skip
     unknown = sorted(set(payload) - known)
     if unknown:
@@ -179,6 +214,8 @@ def parse_key_fields(payload: dict[str, Any], *, creating: bool) -> dict[str, An
         out["expires_ms"] = expires_ms(payload["expires_at"])
     if "budget" in payload:
         out["budget"] = budget(payload["budget"])
+    if "model_limits" in payload:
+        out["model_limits"] = model_limits(payload["model_limits"])
     if creating:
         credits = payload.get("credits")
         out["credits_micros"] = None if credits is None else usd_amount("credits", credits)

@@ -149,6 +149,26 @@ def _budget_json(fields: dict[str, str]) -> dict[str, Any]:
     }
 
 
+ModelLimits = list[tuple[str, int | None, int | None]]
+
+
+def _model_limits_field(limits: ModelLimits | None) -> str:
+    """Model limits as "<glob>\\t<rpm>\\t<tpm>\\n" lines, in order, for the admission script."""
+    return "".join(
+        f"{glob}\t{'' if rpm is None else rpm}\t{'' if tpm is None else tpm}\n"
+        for glob, rpm, tpm in limits or []
+    )
+
+
+def _model_limits_json(field: str) -> dict[str, dict[str, int | None]] | None:
+    limits: dict[str, dict[str, int | None]] = {}
+    for line in field.split("\n"):
+        if line:
+            glob, rpm, tpm = line.rsplit("\t", 2)
+            limits[glob] = {"rpm": int(rpm) if rpm else None, "tpm": int(tpm) if tpm else None}
+    return limits or None
+
+
 def record_json(fields: dict[str, str]) -> dict[str, Any]:
     """The admin API's view of a stored record (never the hash)."""
     models = [m for m in fields.get("models", "").split("\n") if m]
@@ -169,6 +189,7 @@ def record_json(fields: dict[str, str]) -> dict[str, Any]:
         "revoked": fields.get("revoked") == "1",
         **_budget_json(fields),
         "expires_at": iso_ms(fields.get("expires_ms")),
+        "model_limits": _model_limits_json(fields.get("model_limits", "")),
         "previous_secret_valid_until": iso_ms(fields.get("prev_until_ms")),
     }
 
@@ -193,6 +214,7 @@ class Keyring:
         metadata: dict[str, Any],
         expires_ms: int | None = None,
         budget: tuple[int, str] | None = None,
+        model_limits: ModelLimits | None = None,
     ) -> dict[str, Any]:
         """A new key; the answer is the only place its secret `key` ever appears."""
         if credits_micros is not None and abs(credits_micros) > MAX_BALANCE_MICROS:
@@ -216,6 +238,8 @@ class Keyring:
             fields["expires_ms"] = str(expires_ms)
         if budget is not None:
             fields["budget_micros"], fields["budget_period"] = str(budget[0]), budget[1]
+        if model_limits:
+            fields["model_limits"] = _model_limits_field(model_limits)
         client = self.store.client
         await self.store.call(lambda: client.hset(store.record_key(key_id), mapping=fields))
         await self.store.call(lambda: client.sadd(store.KEY_INDEX, key_id))
@@ -284,6 +308,7 @@ class Keyring:
         expires_ms: int | bool | None = False,
         unlimited_credits: bool = False,
         budget: tuple[int, str] | bool | None = False,
+        model_limits: ModelLimits | bool | None = False,
     ) -> dict[str, Any] | None:
         """Change what is given; a limit of None means unlimited; allowed_models and
         expires_ms False = keep, None = none; unlimited_credits drops the balance."""
@@ -311,6 +336,11 @@ class Keyring:
         if unlimited_credits:
             # Open reservations stay counted in "reserved" and are released as they settle.
             removals.append("credits")
+        if model_limits is not False:
+            limits_field = _model_limits_field(
+                model_limits if isinstance(model_limits, list) else None
+            )
+            changes["model_limits"] = limits_field
         if budget is None:
             removals.extend(BUDGET_FIELDS)
         elif isinstance(budget, tuple):

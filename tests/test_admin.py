@@ -29,6 +29,7 @@ RECORD_FIELDS = {
     "budget",
     "budget_spent",
     "budget_resets_at",
+    "model_limits",
     "previous_secret_valid_until",
     "credits",
     "reserved_credits",

@@ -5,8 +5,10 @@
 --                                                       expires_ms, prev_hash, prev_until_ms,
 --                                                       budget_micros, budget_period,
 --                                                       budget_spent, budget_reserved,
---                                                       budget_start (ms, the period spent is of)
--- KEYS[2]  bucket hash         tollgate:bucket:{id}     r, rt (requests level, ms), t, tt (tokens)
+--                                                       budget_start (ms, the period spent is of),
+--                                                       model_limits ("<glob>\t<rpm>\t<tpm>\n"...)
+-- KEYS[2]  bucket hash         tollgate:bucket:{id}     r, rt (requests level, ms), t, tt (tokens);
+--                                                       m|<glob>|r, …|rt, …|t, …|tt per model limit
 -- KEYS[3]  in-flight zset      tollgate:inflight:{id}   request id -> lease expiry (ms)
 -- KEYS[4]  reservations hash   tollgate:reserved:{id}   request id -> "micros:tokens:<marker>",
 --                                                       "<request id>|x" -> "<budget micros>:
@@ -24,7 +26,9 @@
 --          tokens_reset_ms, retry_after_ms, budget_micros, budget_spent_micros,
 --          budget_resets_ms}; limits absent from the key are returned as -1.
 -- verdict: ok | unknown_key | revoked | expired | model_not_allowed | unpriced | requests |
---          tokens | concurrency | credits | budget. Only "ok" writes anything.
+--          tokens | model_requests | model_tokens | concurrency | credits | budget.
+-- Only "ok" writes anything. The first model limit whose glob matches the model has its own
+-- buckets beside the key's; the reply's requests and tokens values are the tighter bucket's.
 -- A budget is a spend cap per UTC day, week (from Monday) or month: the worst case is reserved
 -- against what the period has left, so racing requests never together exceed it.
 -- The presented key is the current secret, or the previous one until prev_until_ms (a rotation
@@ -39,7 +43,8 @@ local lease_ms = tonumber(ARGV[7])
 local rec = redis.call('HMGET', record_key,
   'hash', 'name', 'rpm', 'tpm', 'max_concurrency', 'models', 'revoked', 'credits', 'reserved',
   'expires_ms', 'prev_hash', 'prev_until_ms',
-  'budget_micros', 'budget_period', 'budget_spent', 'budget_reserved', 'budget_start')
+  'budget_micros', 'budget_period', 'budget_spent', 'budget_reserved', 'budget_start',
+  'model_limits')
 if not rec[1] then
   return {'unknown_key'}
 end
@@ -154,6 +159,37 @@ if tpm then
     retry_ms = math.ceil((needed - tokens_level) * 60000 / tpm)
   end
 end
+local model_glob, model_rpm, model_tpm
+if rec[18] and rec[18] ~= '' then
+  for line in string.gmatch(rec[18], '[^\n]+') do
+    local glob, limit_r, limit_t = string.match(line, '^(.*)\t(%d*)\t(%d*)$')
+    if glob and glob_matches(glob, model) then
+      model_glob, model_rpm, model_tpm = glob, tonumber(limit_r), tonumber(limit_t)
+      break
+    end
+  end
+end
+local model_requests_level, model_tokens_level = 0, 0
+local mprefix = model_glob and ('m|' .. model_glob .. '|') or ''
+if model_glob then
+  local mb = redis.call('HMGET', bucket_key, mprefix .. 'r', mprefix .. 'rt', mprefix .. 't',
+    mprefix .. 'tt')
+  if model_rpm then
+    model_requests_level = level(model_rpm, mb[1], mb[2])
+    if verdict == 'ok' and model_requests_level < 1 then
+      verdict = 'model_requests'
+      retry_ms = math.ceil((1 - model_requests_level) * 60000 / model_rpm)
+    end
+  end
+  if model_tpm then
+    model_tokens_level = level(model_tpm, mb[3], mb[4])
+    local needed = math.min(token_estimate, model_tpm)
+    if verdict == 'ok' and model_tokens_level < needed then
+      verdict = 'model_tokens'
+      retry_ms = math.ceil((needed - model_tokens_level) * 60000 / model_tpm)
+    end
+  end
+end
 if verdict == 'ok' and max_concurrency then
   if redis.call('ZCOUNT', inflight_key, now, '+inf') >= max_concurrency then
     verdict = 'concurrency'
@@ -239,6 +275,20 @@ if verdict == 'ok' then
     table.insert(levels, 'tt')
     table.insert(levels, now)
   end
+  if model_rpm then
+    model_requests_level = model_requests_level - 1
+    for _, v in ipairs({mprefix .. 'r', string.format('%.17g', model_requests_level),
+        mprefix .. 'rt', now}) do
+      table.insert(levels, v)
+    end
+  end
+  if model_tpm then
+    model_tokens_level = model_tokens_level - token_estimate
+    for _, v in ipairs({mprefix .. 't', string.format('%.17g', model_tokens_level),
+        mprefix .. 'tt', now}) do
+      table.insert(levels, v)
+    end
+  end
   if #levels > 0 then
     redis.call('HSET', bucket_key, unpack(levels))
   end
@@ -254,8 +304,10 @@ if verdict == 'ok' then
         'budget_reserved', 0)
     end
     redis.call('HINCRBY', record_key, 'budget_reserved', cost_micros)
-    redis.call('HSET', reserved_key, request_id .. '|x',
-      string.format('%d:%s:', cost_micros, budget_start))
+  end
+  if budget or model_glob then
+    redis.call('HSET', reserved_key, request_id .. '|x', string.format('%d:%s:%s',
+      budget and cost_micros or 0, budget and budget_start or '', model_glob or ''))
   end
 end
 
@@ -266,5 +318,14 @@ local function remaining(capacity, current)
 end
 local r = remaining(rpm, requests_level)
 local t = remaining(tpm, tokens_level)
+-- Per dimension, the tighter of the key's bucket and the model's.
+if model_rpm then
+  local mr = remaining(model_rpm, model_requests_level)
+  if not rpm or mr[2] < r[2] or verdict == 'model_requests' then r = mr end
+end
+if model_tpm then
+  local mt = remaining(model_tpm, model_tokens_level)
+  if not tpm or mt[2] < t[2] or verdict == 'model_tokens' then t = mt end
+end
 return {verdict, name, r[1], r[2], r[3], t[1], t[2], t[3], retry_ms,
   budget or -1, budget_spent, budget_end}

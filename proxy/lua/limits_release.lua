@@ -40,10 +40,11 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 redis.call('ZADD', settled_key, now, request_id)
 redis.call('ZREMRANGEBYSCORE', settled_key, '-inf', now - retention_ms)
 
+local estimate
 if reservation then
   redis.call('HDEL', reserved_key, request_id)
-  local micros, estimate = string.match(reservation, '^(%-?%d+):(%-?%d+):')
-  micros, estimate = tonumber(micros), tonumber(estimate)
+  local micros, tokens = string.match(reservation, '^(%-?%d+):(%-?%d+):')
+  micros, estimate = tonumber(micros), tonumber(tokens)
   local rec = redis.call('HMGET', record_key, 'rpm', 'tpm')
   local bucket = redis.call('HMGET', bucket_key, 'r', 't')
   -- A deleted key is not brought back as a record holding only "reserved".
@@ -62,9 +63,19 @@ local extra_field = request_id .. '|x'
 local extra = redis.call('HGET', reserved_key, extra_field)
 if extra then
   redis.call('HDEL', reserved_key, extra_field)
-  local held, start = string.match(extra, '^(%-?%d+):(%d*):')
+  local held, start, glob = string.match(extra, '^(%-?%d+):(%d*):(.*)$')
   if start and start ~= '' and start == redis.call('HGET', record_key, 'budget_start') then
     redis.call('HINCRBY', record_key, 'budget_reserved', -tonumber(held))
+  end
+  -- The model's buckets get back what admission took, as the key's do.
+  if glob and glob ~= '' then
+    local prefix = 'm|' .. glob .. '|'
+    if redis.call('HEXISTS', bucket_key, prefix .. 'r') == 1 then
+      redis.call('HINCRBYFLOAT', bucket_key, prefix .. 'r', 1)
+    end
+    if estimate and estimate ~= 0 and redis.call('HEXISTS', bucket_key, prefix .. 't') == 1 then
+      redis.call('HINCRBYFLOAT', bucket_key, prefix .. 't', estimate)
+    end
   end
 end
 return 1

@@ -57,10 +57,11 @@ redis.call('ZREM', inflight_key, request_id)
 local rec = redis.call('HMGET', record_key, 'credits', 'tpm', 'name', 'budget_micros',
   'budget_start')
 local reservation = redis.call('HGET', reserved_key, request_id)
+local estimate
 if reservation then
   redis.call('HDEL', reserved_key, request_id)
-  local micros, estimate = string.match(reservation, '^(%-?%d+):(%-?%d+):')
-  micros, estimate = tonumber(micros), tonumber(estimate)
+  local micros, tokens = string.match(reservation, '^(%-?%d+):(%-?%d+):')
+  micros, estimate = tonumber(micros), tonumber(tokens)
   if micros ~= 0 then
     redis.call('HINCRBY', record_key, 'reserved', -micros)
   end
@@ -79,10 +80,16 @@ local extra_field = request_id .. '|x'
 local extra = redis.call('HGET', reserved_key, extra_field)
 if extra then
   redis.call('HDEL', reserved_key, extra_field)
-  local held, start = string.match(extra, '^(%-?%d+):(%d*):')
+  local held, start, glob = string.match(extra, '^(%-?%d+):(%d*):(.*)$')
   if start and start ~= '' and start == rec[5] then
     redis.call('HINCRBY', record_key, 'budget_reserved', -tonumber(held))
     redis.call('HINCRBY', record_key, 'budget_spent', cost_micros)
+  end
+  -- The model's tokens bucket is settled like the key's.
+  local field = 'm|' .. (glob or '') .. '|t'
+  if glob and glob ~= '' and estimate and estimate ~= used_tokens
+      and redis.call('HEXISTS', bucket_key, field) == 1 then
+    redis.call('HINCRBYFLOAT', bucket_key, field, estimate - used_tokens)
   end
 end
 
