@@ -275,6 +275,7 @@ def test_key_text_after_rotate_with_grace_says_until_when_the_old_key_works() ->
     ("argv", "flag"),
     [
         ((*UPDATE, "--expires-at", "1969-07-20T20:17:00Z"), "--expires-at"),
+        ((*CREATE, "--budget", "1e12/month"), "--budget"),
         ((*CREATE, "--rpm", str(10**13)), "--rpm"),
         ((*UPDATE, "--name", " "), "--name"),
         ((*UPDATE, "--allowed-models", ",".join(f"m{i}*" for i in range(65))), "--allowed-models"),
