@@ -17,7 +17,7 @@ from starlette.routing import Route
 from proxy.endpoints import read_body
 from proxy.errors import AuthenticationFailed, InvalidRequest, NotFound
 from proxy.gateway import Gateway
-from proxy.key_fields import parse_key_fields, usd_amount
+from proxy.key_fields import grace_seconds, parse_key_fields, usd_amount
 from proxy.usage import BadTime, default_window, export, key_usage, parse_time
 from proxy.validation import is_utf8, parse_json_object
 
@@ -42,8 +42,12 @@ def _found(record: dict[str, Any] | None, key_id: str) -> dict[str, Any]:
     return record
 
 
-async def _payload(request: Request) -> dict[str, Any]:
-    payload = parse_json_object(await read_body(request, MAX_BODY_BYTES))
+async def _payload(request: Request, *, optional: bool = False) -> dict[str, Any]:
+    """The JSON object sent; with `optional`, no body at all reads as `{}`."""
+    raw = await read_body(request, MAX_BODY_BYTES)
+    if optional and not raw.strip():
+        return {}
+    payload = parse_json_object(raw)
     if not is_utf8(json.dumps(payload, ensure_ascii=False)):
         raise InvalidRequest("Request body holds text that is not valid Unicode (a lone surrogate)")
     return payload
@@ -79,10 +83,18 @@ async def revoke_key(request: Request) -> Response:
     return JSONResponse(_found(await gateway.keyring.revoke(key_id), key_id))
 
 
+async def restore_key(request: Request) -> Response:
+    gateway = _gateway(request)
+    key_id = request.path_params["id"]
+    return JSONResponse(_found(await gateway.keyring.restore(key_id), key_id))
+
+
 async def rotate_key(request: Request) -> Response:
     gateway = _gateway(request)
     key_id = request.path_params["id"]
-    return JSONResponse(_found(await gateway.keyring.rotate(key_id), key_id))
+    _found(await gateway.keyring.get(key_id), key_id)  # an unknown id is 404 whatever the body
+    grace_s = grace_seconds(await _payload(request, optional=True))
+    return JSONResponse(_found(await gateway.keyring.rotate(key_id, grace_s=grace_s), key_id))
 
 
 async def add_credits(request: Request) -> Response:
@@ -132,6 +144,7 @@ routes = [
     Route("/admin/keys/{id}", update_key, methods=["PATCH"]),
     Route("/admin/keys/{id}", revoke_key, methods=["DELETE"]),
     Route("/admin/keys/{id}/rotate", rotate_key, methods=["POST"]),
+    Route("/admin/keys/{id}/restore", restore_key, methods=["POST"]),
     Route("/admin/keys/{id}/credits", add_credits, methods=["POST"]),
     Route("/admin/keys/{id}/usage", usage_of_key, methods=["GET"]),
     Route("/admin/usage/export", export_usage, methods=["GET"]),

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 from proxy.errors import (
     AuthenticationFailed,
+    BudgetExceeded,
     InsufficientCredits,
     ModelNotAllowed,
     ProxyError,
     RateLimited,
     StoreUnavailable,
 )
-from proxy.keys import PresentedKey
+from proxy.keys import PresentedKey, iso_ms
 from proxy.ledger import Ledger
 from proxy.limits import Decision, Limiter, rate_limit_headers, retry_headers
 from proxy.metrics import Metrics
@@ -28,9 +29,14 @@ from proxy.store import StoreDown
 
 log = logging.getLogger("tollgate")
 FAIL_OPEN_MEMORY_S = 300.0
+EXPIRED = "API key expired"
 _LIMIT_MESSAGES = {
     "requests": "Rate limit reached for requests per minute (limit: {rpm}). Try again in {wait}.",
     "tokens": "Rate limit reached for tokens per minute (limit: {tpm}). Try again in {wait}.",
+    "model_requests": "Rate limit reached for requests per minute of model '{model}' "
+    "(limit: {rpm}). Try again in {wait}.",
+    "model_tokens": "Rate limit reached for tokens per minute of model '{model}' "
+    "(limit: {tpm}). Try again in {wait}.",
     "concurrency": "Too many concurrent requests for this key. Try again when one has finished.",
 }
 
@@ -108,6 +114,10 @@ class Admission:
                 refusal = self._refusal(decision, model)
                 self.metrics.answered(arrival.route, model, refusal.status_code, decision.key_name)
                 raise refusal
+            if decision.budget_micros:
+                self.metrics.budget_used(
+                    decision.key_name, decision.budget_spent_micros / decision.budget_micros
+                )
             if self.fail_open:
                 self.recent_keys[presented.key_hash] = (
                     decision.key_name,
@@ -131,6 +141,8 @@ class Admission:
         verdict = decision.verdict
         if verdict in ("unknown_key", "revoked"):
             return AuthenticationFailed()
+        if verdict == "expired":
+            return AuthenticationFailed(EXPIRED)
         if verdict == "model_not_allowed":
             return ModelNotAllowed(f"This API key is not allowed to use the model '{model}'")
         if verdict == "unpriced":
@@ -139,13 +151,24 @@ class Admission:
             )
         metrics = self.metrics
         if verdict == "credits":
-            metrics.credit_rejections.labels(*metrics.keyed(name)).inc()
+            metrics.credit_rejections.labels(*metrics.keyed(name, "credits")).inc()
             return InsufficientCredits(
                 "Insufficient credits: the balance cannot cover this request's maximum cost. "
                 "Add credits or lower max_tokens."
             )
-        metrics.rate_limited.labels(*metrics.keyed(name, verdict)).inc()
+        if verdict == "budget":
+            metrics.credit_rejections.labels(*metrics.keyed(name, "budget")).inc()
+            resets = iso_ms(decision.budget_resets_ms)
+            return BudgetExceeded(
+                f"Budget exceeded: this API key's budget for the period cannot cover this "
+                f"request's maximum cost. It resets at {resets}.",
+                headers=retry_headers(decision.retry_after_ms),
+            )
+        limit = verdict.removeprefix("model_")
+        metrics.rate_limited.labels(*metrics.keyed(name, limit)).inc()
         wait = f"{decision.retry_after_ms / 1000:.3g}s"
-        message = _LIMIT_MESSAGES[verdict].format(rpm=decision.rpm, tpm=decision.tpm, wait=wait)
+        message = _LIMIT_MESSAGES[verdict].format(
+            rpm=decision.rpm, tpm=decision.tpm, wait=wait, model=model
+        )
         headers = {k.decode(): v.decode() for k, v in rate_limit_headers(decision)}
         return RateLimited(message, headers={**headers, **retry_headers(decision.retry_after_ms)})

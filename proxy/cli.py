@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -24,6 +25,7 @@ import ssl
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
@@ -39,6 +41,13 @@ GC_THRESHOLD = 10_000  # allocations between young collections; Python's default
 FDS_PER_CONNECTION = 2
 FDS_SPARE = 256
 
+MAX_GRACE_S = 30 * 86400  # the admin API's bound on a rotation's grace_seconds
+MAX_EXPIRES_IN_S = 100 * 366 * 86400
+BUDGET_PERIODS = ("day", "week", "month")
+_NONE = ("none", "null", "unlimited")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_PART = re.compile(r"(\d{1,12})([smhdw])")
+
 log = logging.getLogger("tollgate")
 
 
@@ -51,7 +60,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _limit(raw: str) -> int | None:
     """A limit flag: a non-negative integer, or `none` for unlimited."""
-    if raw.lower() in ("none", "null", "unlimited"):
+    if raw.lower() in _NONE:
         return None
     if not (raw.isascii() and raw.isdigit()):
         raise argparse.ArgumentTypeError(f"must be a non-negative integer or none, got {raw!r}")
@@ -97,6 +106,118 @@ def _metadata(raw: str) -> dict[str, Any]:
     return value
 
 
+def _seconds(raw: str) -> int:
+    """A duration such as 90s, 30m, 12h, 30d, 2w or 1d12h, in seconds; 0 needs no unit."""
+    text = raw.strip().lower()
+    if text == "0":
+        return 0
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise argparse.ArgumentTypeError(
+            f"must be a duration such as 90s, 30m, 12h, 30d or 2w, got {raw!r}"
+        )
+    return sum(int(n) * _UNIT_S[u] for n, u in parts)
+
+
+def _grace(raw: str) -> int:
+    seconds = _seconds(raw)
+    if seconds > MAX_GRACE_S:
+        raise argparse.ArgumentTypeError(f"must be at most 30d, got {raw!r}")
+    return seconds
+
+
+def _expires_in(raw: str) -> int:
+    seconds = _seconds(raw)
+    if not 0 < seconds <= MAX_EXPIRES_IN_S:
+        raise argparse.ArgumentTypeError(
+            f"must be a duration above 0 and up to 100 years, got {raw!r}"
+        )
+    return seconds
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _instant(raw: str) -> str | None:
+    """`--expires-at`: an ISO 8601 date or time (no offset = UTC) as UTC, or `none`."""
+    if raw.lower() in _NONE:
+        return None
+    try:
+        moment = datetime.fromisoformat(raw.strip())
+        return _iso(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(
+            f"must be an ISO 8601 time such as 2030-01-31T12:00:00Z, or none, got {raw!r}"
+        ) from None
+
+
+def _budget(raw: str) -> dict[str, Any] | None:
+    """`--budget 50/month`: a USD amount above 0 per day, week or month, or `none`."""
+    if raw.lower() in _NONE:
+        return None
+    amount, _, period = raw.partition("/")
+    try:
+        value = float(amount.strip().removeprefix("$"))
+    except ValueError:
+        value = math.nan
+    period = period.strip().lower()
+    if period not in BUDGET_PERIODS or not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            "must be AMOUNT/PERIOD, a USD amount above 0 per day, week or month (50/month), "
+            f"or none, got {raw!r}"
+        )
+    return {"amount": value, "period": period}
+
+
+def _model_limit(raw: str) -> tuple[str, dict[str, int | None]] | None:
+    """`--model-limit 'gpt-4o*:rpm=10,tpm=20000'`: the pattern is everything before the last
+    colon (model names such as ft:gpt-4o:org:id have colons), or `none`."""
+    if raw.strip().lower() in _NONE:
+        return None
+    pattern, _, spec = raw.rpartition(":")
+    limits: dict[str, int | None] = {}
+    for item in spec.split(","):
+        name, equals, value = item.partition("=")
+        name = name.strip().lower()
+        if not pattern or not equals or name not in ("rpm", "tpm") or name in limits:
+            raise argparse.ArgumentTypeError(
+                "must be PATTERN:rpm=N,tpm=N with rpm and/or tpm ('gpt-4o*:rpm=10,tpm=20000'), "
+                f"or none, got {raw!r}"
+            )
+        try:
+            limits[name] = _limit(value.strip())
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{name} {exc} in {raw!r}") from None
+    return pattern, limits
+
+
+class _ModelLimits(argparse.Action):
+    """Repeated `--model-limit` flags, gathered in order (the first matching pattern applies)
+    into one model_limits object; `none` alone clears them."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,  # what _model_limit returned
+        option_string: str | None = None,
+    ) -> None:
+        given = hasattr(namespace, self.dest)
+        limits: dict[str, dict[str, int | None]] | None = getattr(namespace, self.dest, None)
+        if values is None or (given and limits is None):
+            if given:
+                raise argparse.ArgumentError(self, "none cannot be combined with patterns")
+            setattr(namespace, self.dest, None)
+            return
+        pattern, pattern_limits = values
+        limits = dict(limits or {})
+        if pattern in limits:
+            raise argparse.ArgumentError(self, f"pattern {pattern!r} is given twice")
+        limits[pattern] = pattern_limits
+        setattr(namespace, self.dest, limits)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tollgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,16 +246,41 @@ def _parser() -> argparse.ArgumentParser:
             action.add_argument(
                 flag, type=_limit, default=argparse.SUPPRESS, help="an integer, or none"
             )
-        action.add_argument("--allowed-models", help="comma-separated; empty for all models")
+        action.add_argument(
+            "--allowed-models", help="comma-separated names or glob patterns; empty for all"
+        )
         action.add_argument("--metadata", type=_metadata, help="a JSON object")
+        action.add_argument(
+            "--budget", type=_budget, default=argparse.SUPPRESS,
+            help="USD per day|week|month (50/month), or none",
+        )  # fmt: skip
+        expiry = action.add_mutually_exclusive_group()
+        expiry.add_argument(
+            "--expires-in", type=_expires_in, default=argparse.SUPPRESS,
+            help="from now: 90s, 30m, 12h, 30d, 2w",
+        )  # fmt: skip
+        expiry.add_argument(
+            "--expires-at", type=_instant, default=argparse.SUPPRESS,
+            help="ISO 8601 (no offset = UTC), or none",
+        )  # fmt: skip
+        action.add_argument(
+            "--model-limit", dest="model_limits", type=_model_limit, action=_ModelLimits,
+            default=argparse.SUPPRESS, metavar="PATTERN:rpm=N,tpm=N",
+            help="limits for models matching a glob pattern; repeatable; none clears them",
+        )  # fmt: skip
         action.add_argument("--json", action="store_true")
     create.add_argument("--credits", type=_usd, help="USD")
     listing = keys.add_parser("list")
     listing.add_argument("--json", action="store_true")
-    for name in ("show", "revoke", "rotate"):
+    for name in ("show", "revoke", "rotate", "restore"):
         action = keys.add_parser(name)
         action.add_argument("id")
         action.add_argument("--json", action="store_true")
+        if name == "rotate":
+            action.add_argument(
+                "--grace", type=_grace, default=None,
+                help="how long the old key keeps working (0 to 30d, e.g. 1h); default 0",
+            )  # fmt: skip
 
     credits = sub.add_parser("credits", help="add or remove credits")
     credits_sub = credits.add_subparsers(dest="action", required=True)
@@ -142,6 +288,9 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("id")
     add.add_argument("amount", type=_usd, help="USD; negative removes")
     add.add_argument("--json", action="store_true")
+    unlimited = credits_sub.add_parser("unlimited", help="no balance: unlimited credits")
+    unlimited.add_argument("id")
+    unlimited.add_argument("--json", action="store_true")
 
     usage = sub.add_parser("usage", help="usage of one key, or every record as JSON Lines")
     usage.add_argument("--key", dest="key_id")
@@ -151,6 +300,11 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--format", choices=("table", "csv", "jsonl"), default="table")
     usage.add_argument("--json", action="store_true")
     return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; a bad flag is one line on stderr and SystemExit(2)."""
+    return _parser().parse_args(argv)
 
 
 def build_app() -> Any:
@@ -267,11 +421,77 @@ def _print(answer: Any, as_json: bool, text: Callable[[Any], str]) -> None:
     print(json.dumps(answer, indent=None if as_json else 2) if as_json else text(answer))
 
 
-def _key_text(record: dict[str, Any]) -> str:
-    lines = [f"{k}: {v}" for k, v in record.items() if k != "key"]
+def _usd_text(value: float) -> str:
+    return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def _moment(when: str) -> datetime:
+    moment = datetime.fromisoformat(when)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _from_now(when: str, now: datetime) -> str:
+    """`in 29d 23h`, `3m 20s ago`: the two largest units between now and an ISO 8601 time."""
+    seconds = int((_moment(when) - now).total_seconds())
+    left = abs(seconds)
+    parts: list[str] = []
+    for unit in ("d", "h", "m", "s"):
+        count, left = divmod(left, _UNIT_S[unit])
+        if count or (unit == "s" and not parts):
+            parts.append(f"{count}{unit}")
+    span = " ".join(parts[:2])
+    return f"in {span}" if seconds >= 0 else f"{span} ago"
+
+
+def _budget_text(record: dict[str, Any]) -> str | None:
+    budget = record.get("budget")
+    if not budget:
+        return None
+    text = f"{_usd_text(budget['amount'])} USD per {budget['period']}"
+    if record.get("budget_spent") is not None:
+        text += f", {_usd_text(record['budget_spent'])} spent"
+    if record.get("budget_resets_at"):
+        text += f", resets at {record['budget_resets_at']}"
+    return text
+
+
+def _model_limits_text(limits: dict[str, dict[str, int | None]] | None) -> str | None:
+    if not limits:
+        return None
+    return "; ".join(
+        " ".join([pattern] + [f"{k}={v if v is not None else 'none'}" for k, v in dims.items()])
+        for pattern, dims in limits.items()
+    )
+
+
+def key_text(record: dict[str, Any], now: datetime | None = None) -> str:
+    """A key record for people: one `field: value` line each; budget, expiry, model limits and
+    a rotated key's grace in words."""
+    now = now or datetime.now(UTC)
+    lines = []
+    for field, value in record.items():
+        if field in ("key", "budget_spent", "budget_resets_at", "previous_secret_valid_until"):
+            continue
+        if field == "budget":
+            value = _budget_text(record)
+        elif field == "model_limits":
+            value = _model_limits_text(value)
+        elif field == "expires_at" and value:
+            expired = _moment(value) <= now
+            value += " (expired)" if expired else f" ({_from_now(value, now)})"
+        lines.append(f"{field}: {value}")
+    until = record.get("previous_secret_valid_until")
+    if until and _moment(until) > now:
+        lines.append(f"old key works until: {until} ({_from_now(until, now)})")
+    elif until:
+        lines.append(f"old key stopped working at: {until} ({_from_now(until, now)})")
     if "key" in record:
         lines.append(f"key: {record['key']}   (shown only now: store it safely)")
     return "\n".join(lines)
+
+
+def _budget_cell(budget: dict[str, Any] | None) -> str | None:
+    return f"{_usd_text(budget['amount'])}/{budget['period']}" if budget else None
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -288,10 +508,9 @@ def _shown_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
-def _key_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """`keys create|update` flags as Keyring arguments, checked as the admin API checks them."""
-    from proxy.key_fields import parse_key_fields
-
+def key_payload(args: argparse.Namespace, *, now: datetime) -> dict[str, Any]:
+    """The admin API body (POST /admin/keys or PATCH /admin/keys/{id}) that `keys create|update`
+    flags stand for; `--expires-in` becomes an absolute `expires_at` from `now`."""
     payload: dict[str, Any] = {}
     if args.name is not None:
         payload["name"] = args.name
@@ -302,28 +521,61 @@ def _key_fields(args: argparse.Namespace) -> dict[str, Any]:
         payload["allowed_models"] = [m for m in args.allowed_models.split(",") if m] or None
     if args.metadata is not None:
         payload["metadata"] = args.metadata
-    creating = args.action == "create"
-    if creating and args.credits is not None:
+    if args.action == "create" and args.credits is not None:
         payload["credits"] = args.credits
-    return parse_key_fields(payload, creating=creating)
+    for field in ("budget", "expires_at", "model_limits"):
+        if hasattr(args, field):  # given, possibly as none
+            payload[field] = getattr(args, field)
+    if hasattr(args, "expires_in"):
+        payload["expires_at"] = _iso(now + timedelta(seconds=args.expires_in))
+    return payload
+
+
+def rotate_payload(args: argparse.Namespace) -> dict[str, Any]:
+    """The body of POST /admin/keys/{id}/rotate that `keys rotate [--grace]` stands for."""
+    return {} if args.grace is None else {"grace_seconds": args.grace}
+
+
+def _flag(param: str | None, args: argparse.Namespace) -> str | None:
+    """The flag behind an admin API `param` (`budget.amount` -> `--budget`)."""
+    field = (param or "").split(".", 1)[0]
+    if field == "expires_at" and hasattr(args, "expires_in"):
+        return "--expires-in"
+    if field == "model_limits":
+        return "--model-limit"
+    if field == "grace_seconds":
+        return "--grace"
+    known = {"name", "rpm", "tpm", "max_concurrency", "allowed_models", "metadata", "credits",
+             "budget", "expires_at"}  # fmt: skip
+    return "--" + field.replace("_", "-") if field in known else None
 
 
 async def _operate(settings: Settings, args: argparse.Namespace) -> int:
     from proxy import usage
     from proxy.errors import ProxyError
+    from proxy.key_fields import grace_seconds, parse_key_fields
     from proxy.keys import Keyring
     from proxy.store import StoreDown, open_store
 
     # Everything the command line says is checked before the store is touched.
     try:
         action = getattr(args, "action", None)
-        fields = _key_fields(args) if action in ("create", "update") else {}
+        fields: dict[str, Any] = {}
+        if action in ("create", "update"):
+            payload = key_payload(args, now=datetime.now(UTC))
+            fields = parse_key_fields(payload, creating=action == "create")
+        elif (args.command, action) == ("credits", "unlimited"):
+            fields = parse_key_fields({"credits": None}, creating=False)
+        elif (args.command, action) == ("keys", "rotate"):
+            fields = {"grace_s": grace_seconds(rotate_payload(args))}
         if args.command == "usage":
             since_default, until_default = usage.default_window()
             since = usage.parse_time(args.since, default=since_default)
             until = usage.parse_time(args.until, default=until_default)
     except ProxyError as exc:
-        print(f"tollgate {args.command} {action}: {exc.message}", file=sys.stderr)
+        flag = _flag(exc.param, args)
+        where = f"argument {flag}: " if flag else ""
+        print(f"tollgate {args.command} {action}: {where}{exc.message}", file=sys.stderr)
         return USAGE_ERROR
     except usage.BadTime as exc:
         print(f"tollgate usage: {exc}", file=sys.stderr)
@@ -341,6 +593,8 @@ async def _operate(settings: Settings, args: argparse.Namespace) -> int:
         if args.command == "credits":
             from proxy.credits import usd_to_micros
 
+            if action == "unlimited":
+                return _answer(await keyring.update(args.id, **fields), as_json, args.id)
             record = await keyring.add_credits(args.id, usd_to_micros(args.amount))
             return _answer(record, as_json, args.id)
         if args.format == "jsonl" or not args.key_id:
@@ -380,7 +634,7 @@ def _answer(record: dict[str, Any] | None, as_json: bool, key_id: str) -> int:
     if record is None:
         print(f"tollgate: no key with id {key_id!r}", file=sys.stderr)
         return FAILED
-    _print(record, as_json, _key_text)
+    _print(record, as_json, key_text)
     return 0
 
 
@@ -391,12 +645,16 @@ async def _keys(
     if action == "list":
         records = await keyring.all()
         answer = {"object": "list", "data": records}
-        columns = ["id", "name", "rpm", "tpm", "max_concurrency", "credits", "revoked"]
-        _print(answer, as_json, lambda a: _table(a["data"], columns))
+        columns = ["id", "name", "rpm", "tpm", "max_concurrency", "credits", "budget",
+                   "expires_at", "revoked"]  # fmt: skip
+        rows = [{**r, "budget": _budget_cell(r.get("budget"))} for r in records]
+        _print(answer, as_json, lambda a: _table(rows, columns))
         return 0
-    if action in ("show", "revoke", "rotate"):
+    if action == "rotate":
+        return _answer(await keyring.rotate(args.id, **fields), as_json, args.id)
+    if action in ("show", "revoke", "restore"):
         method: Callable[[str], Awaitable[dict[str, Any] | None]] = {
-            "show": keyring.get, "revoke": keyring.revoke, "rotate": keyring.rotate,
+            "show": keyring.get, "revoke": keyring.revoke, "restore": keyring.restore,
         }[action]  # fmt: skip
         return _answer(await method(args.id), as_json, args.id)
     if action == "create":
@@ -431,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR") == "":
         # prometheus-client would take an empty value for multiprocess mode in the working dir.
         del os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         status = _run(args)
         sys.stdout.flush()  # here, so that a closed pipe surfaces inside this `try`

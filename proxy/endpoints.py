@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
 from proxy import paths, provider
-from proxy.admission import Arrival
+from proxy.admission import EXPIRED, Arrival
 from proxy.errors import (
     AuthenticationFailed,
     ClientClosed,
@@ -27,7 +27,7 @@ from proxy.errors import (
     StoreUnavailable,
 )
 from proxy.gateway import Gateway
-from proxy.keys import PresentedKey, parse_key
+from proxy.keys import PresentedKey, model_allowed, parse_key
 from proxy.lifecycle import Lifecycle
 from proxy.provider import Preferences
 from proxy.store import StoreDown
@@ -257,24 +257,25 @@ def _routed(parsed: Parsed, model: str) -> tuple[Parsed, Preferences | None]:
 
 
 async def _key_models(request: Request) -> tuple[Gateway, list[str] | None]:
-    """Authenticate a models request; returns the key's allowed models (None = all)."""
+    """Authenticate a models request; returns the key's allowed model patterns (None = all)."""
     gateway = gateway_of(request)
     presented = authenticate(request)
     try:
-        record = await gateway.keyring.authenticate(presented)
+        access = await gateway.keyring.authenticate(presented)
     except StoreDown:
         gateway.metrics.store_errors.inc()
         raise StoreUnavailable("The key store is unreachable; try again shortly") from None
-    if record is False:
+    if access.verdict == "expired":
+        raise AuthenticationFailed(EXPIRED)
+    if access.verdict != "ok":
         raise AuthenticationFailed()
-    return gateway, record if isinstance(record, list) else None
+    return gateway, access.models
 
 
 async def list_models(request: Request) -> Response:
     gateway, allowed = await _key_models(request)
     models = await gateway.models.current()
-    if allowed is not None:
-        models = [m for m in models if m["id"] in allowed]
+    models = [m for m in models if model_allowed(allowed, m["id"])]
     return JSONResponse({"object": "list", "data": models})
 
 
@@ -282,7 +283,7 @@ async def get_model(request: Request) -> Response:
     gateway, allowed = await _key_models(request)
     model_id = request.path_params["model"]
     for model in await gateway.models.current():
-        if model["id"] == model_id and (allowed is None or model_id in allowed):
+        if model["id"] == model_id and model_allowed(allowed, model_id):
             return JSONResponse(model)
     raise NotFound(f"The model '{model_id}' does not exist", param="model")
 

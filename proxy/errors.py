@@ -69,6 +69,16 @@ class InsufficientCredits(ProxyError):
         super().__init__(message, headers=NO_RETRY)
 
 
+class BudgetExceeded(InsufficientCredits):
+    """Over the key's budget for the period: the credits error's type, retry at the reset."""
+
+    code = "budget_exceeded"
+
+    def __init__(self, message: str, *, headers: Mapping[str, str]) -> None:
+        super().__init__(message)
+        self.headers.update(headers)
+
+
 class ModelNotAllowed(ProxyError):
     status_code = 403
     error_type = "permission_error"

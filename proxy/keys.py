@@ -21,6 +21,7 @@ from redis.commands.core import AsyncScript
 from proxy import store
 from proxy.credits import MICROS_PER_USD, micros_to_usd
 from proxy.errors import InvalidRequest
+from proxy.periods import period_bounds
 from proxy.store import Store
 
 KEY_PREFIX = "sk-tg-"
@@ -72,6 +73,102 @@ def _models_field(models: list[str] | None) -> str:
     return "" if not models else "\n" + "\n".join(models) + "\n"
 
 
+def iso_ms(ms: str | int | None) -> str | None:
+    """ms since the epoch as ISO 8601 UTC (`…Z`), or None."""
+    if ms is None or ms == "":
+        return None
+    when = datetime.fromtimestamp(int(ms) / 1000, UTC)
+    return when.isoformat(timespec="milliseconds" if int(ms) % 1000 else "seconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def _segment(part: str) -> re.Pattern[str]:
+    return re.compile("".join("." if c == "?" else re.escape(c) for c in part), re.DOTALL)
+
+
+def glob_matches(pattern: str, model: str) -> bool:
+    """The admission script's glob: `*` any run of characters, `?` any one, nothing else.
+
+    As in the script, without backtracking: the parts between stars have fixed lengths, so
+    taking each at its leftmost place is exact."""
+    parts = pattern.split("*")
+    if len(parts) == 1:
+        return _segment(pattern).fullmatch(model) is not None
+    first, last = parts[0], parts[-1]
+    stop = len(model) - len(last)
+    if stop < len(first):
+        return False
+    if not _segment(first).fullmatch(model[: len(first)]):
+        return False
+    if not _segment(last).fullmatch(model[stop:]):
+        return False
+    pos = len(first)
+    for part in parts[1:-1]:
+        found = _segment(part).search(model, pos, stop)
+        if found is None:
+            return False
+        pos = found.end()
+    return True
+
+
+def model_allowed(patterns: list[str] | None, model: str) -> bool:
+    return patterns is None or any(glob_matches(p, model) for p in patterns)
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What key authentication outside the hot path found: `ok`, `unknown` or `expired`,
+    and the key's allowed model patterns (None = all)."""
+
+    verdict: str
+    models: list[str] | None = None
+
+
+BUDGET_FIELDS = (
+    "budget_micros",
+    "budget_period",
+    "budget_spent",
+    "budget_reserved",
+    "budget_start",
+)
+
+
+def _budget_json(fields: dict[str, str]) -> dict[str, Any]:
+    """The budget, what the current period has spent (0 once a new period began) and when
+    it resets."""
+    if "budget_micros" not in fields:
+        return {"budget": None, "budget_spent": 0.0, "budget_resets_at": None}
+    period = fields.get("budget_period", "month")
+    start, end = period_bounds(period, datetime.now(UTC))
+    current = fields.get("budget_start") == str(int(start.timestamp() * 1000))
+    return {
+        "budget": {"amount": micros_to_usd(int(fields["budget_micros"])), "period": period},
+        "budget_spent": micros_to_usd(int(fields.get("budget_spent", "0"))) if current else 0.0,
+        "budget_resets_at": end.isoformat().replace("+00:00", "Z"),
+    }
+
+
+ModelLimits = list[tuple[str, int | None, int | None]]
+
+
+def _model_limits_field(limits: ModelLimits | None) -> str:
+    """Model limits as "<glob>\\t<rpm>\\t<tpm>\\n" lines, in order, for the admission script."""
+    return "".join(
+        f"{glob}\t{'' if rpm is None else rpm}\t{'' if tpm is None else tpm}\n"
+        for glob, rpm, tpm in limits or []
+    )
+
+
+def _model_limits_json(field: str) -> dict[str, dict[str, int | None]] | None:
+    limits: dict[str, dict[str, int | None]] = {}
+    for line in field.split("\n"):
+        if line:
+            glob, rpm, tpm = line.rsplit("\t", 2)
+            limits[glob] = {"rpm": int(rpm) if rpm else None, "tpm": int(tpm) if tpm else None}
+    return limits or None
+
+
 def record_json(fields: dict[str, str]) -> dict[str, Any]:
     """The admin API's view of a stored record (never the hash)."""
     models = [m for m in fields.get("models", "").split("\n") if m]
@@ -90,6 +187,10 @@ def record_json(fields: dict[str, str]) -> dict[str, Any]:
         "metadata": json.loads(fields.get("metadata", "{}")),
         "created_at": fields.get("created_at", ""),
         "revoked": fields.get("revoked") == "1",
+        **_budget_json(fields),
+        "expires_at": iso_ms(fields.get("expires_ms")),
+        "model_limits": _model_limits_json(fields.get("model_limits", "")),
+        "previous_secret_valid_until": iso_ms(fields.get("prev_until_ms")),
     }
 
 
@@ -111,6 +212,9 @@ class Keyring:
         credits_micros: int | None,
         allowed_models: list[str] | None,
         metadata: dict[str, Any],
+        expires_ms: int | None = None,
+        budget: tuple[int, str] | None = None,
+        model_limits: ModelLimits | None = None,
     ) -> dict[str, Any]:
         """A new key; the answer is the only place its secret `key` ever appears."""
         if credits_micros is not None and abs(credits_micros) > MAX_BALANCE_MICROS:
@@ -130,6 +234,12 @@ class Keyring:
         fields.update({k: str(v) for k, v in limits.items() if v is not None})
         if credits_micros is not None:
             fields["credits"] = str(credits_micros)
+        if expires_ms is not None:
+            fields["expires_ms"] = str(expires_ms)
+        if budget is not None:
+            fields["budget_micros"], fields["budget_period"] = str(budget[0]), budget[1]
+        if model_limits:
+            fields["model_limits"] = _model_limits_field(model_limits)
         client = self.store.client
         await self.store.call(lambda: client.hset(store.record_key(key_id), mapping=fields))
         await self.store.call(lambda: client.sadd(store.KEY_INDEX, key_id))
@@ -144,16 +254,36 @@ class Keyring:
         )
         return fields or None
 
-    async def authenticate(self, presented: PresentedKey) -> list[str] | bool | None:
-        """Check a key outside the hot path; False when unknown or revoked, else its models."""
+    async def now_ms(self) -> int:
+        """The store's clock, as the scripts read it."""
+        client = self.store.client
+        seconds, micros = await self.store.call(lambda: client.time())
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def authenticate(self, presented: PresentedKey) -> Access:
+        """Check a key outside the hot path (the current secret, or the previous one within
+        its grace), as the admission script does."""
         client = self.store.client
         rkey = store.record_key(presented.key_id)
-        stored, revoked, models = await self.store.call(
-            lambda: client.hmget(rkey, ["hash", "revoked", "models"])
+        stored, revoked, models, expires, prev_hash, prev_until = await self.store.call(
+            lambda: client.hmget(
+                rkey, ["hash", "revoked", "models", "expires_ms", "prev_hash", "prev_until_ms"]
+            )
         )
-        if stored is None or not hmac.compare_digest(stored, presented.key_hash) or revoked == "1":
-            return False
-        return [m for m in models.split("\n") if m] or None if models else None
+        if stored is None or revoked == "1":
+            return Access("unknown")
+        now = await self.now_ms() if expires or prev_hash else 0
+        current = hmac.compare_digest(stored, presented.key_hash)
+        previous = (
+            prev_hash is not None
+            and hmac.compare_digest(prev_hash, presented.key_hash)
+            and now < int(prev_until or 0)
+        )
+        if not (current or previous):
+            return Access("unknown")
+        if expires and now >= int(expires):
+            return Access("expired")
+        return Access("ok", [m for m in (models or "").split("\n") if m] or None)
 
     async def get(self, key_id: str) -> dict[str, Any] | None:
         fields = await self._fields(key_id)
@@ -175,9 +305,15 @@ class Keyring:
         limits: dict[str, int | None] | None = None,
         allowed_models: list[str] | bool | None = False,
         metadata: dict[str, Any] | None = None,
+        expires_ms: int | bool | None = False,
+        unlimited_credits: bool = False,
+        budget: tuple[int, str] | bool | None = False,
+        model_limits: ModelLimits | bool | None = False,
     ) -> dict[str, Any] | None:
-        """Change what is given; a limit of None means unlimited; allowed_models False = keep."""
-        if await self._fields(key_id) is None:
+        """Change what is given; a limit of None means unlimited; allowed_models and
+        expires_ms False = keep, None = none; unlimited_credits drops the balance."""
+        current = await self._fields(key_id)
+        if current is None:
             return None
         changes: dict[str, str] = {}
         removals: list[str] = []
@@ -193,6 +329,25 @@ class Keyring:
             changes["models"] = _models_field(models)
         if metadata is not None:
             changes["metadata"] = json.dumps(metadata)
+        if expires_ms is None:
+            removals.append("expires_ms")
+        elif expires_ms is not False:
+            changes["expires_ms"] = str(int(expires_ms))
+        if unlimited_credits:
+            # Open reservations stay counted in "reserved" and are released as they settle.
+            removals.append("credits")
+        if model_limits is not False:
+            limits_field = _model_limits_field(
+                model_limits if isinstance(model_limits, list) else None
+            )
+            changes["model_limits"] = limits_field
+        if budget is None:
+            removals.extend(BUDGET_FIELDS)
+        elif isinstance(budget, tuple):
+            changes["budget_micros"], changes["budget_period"] = str(budget[0]), budget[1]
+            if current.get("budget_period") != budget[1]:
+                # A new kind of period starts afresh; open reservations settle harmlessly.
+                removals.append("budget_start")
         client = self.store.client
         rkey = store.record_key(key_id)
         if changes:
@@ -208,17 +363,33 @@ class Keyring:
         await self.store.call(lambda: client.hset(store.record_key(key_id), "revoked", "1"))
         return await self.get(key_id)
 
-    async def rotate(self, key_id: str) -> dict[str, Any] | None:
-        """A new secret for the same id; the old key stops working on its next request."""
+    async def restore(self, key_id: str) -> dict[str, Any] | None:
+        """Undo a revoke: the key works again from its next request."""
+        if await self._fields(key_id) is None:
+            return None
+        client = self.store.client
+        await self.store.call(lambda: client.hset(store.record_key(key_id), "revoked", "0"))
+        return await self.get(key_id)
+
+    async def rotate(self, key_id: str, *, grace_s: int = 0) -> dict[str, Any] | None:
+        """A new secret for the same id. The old one stops working on its next request, or,
+        with a grace, once the grace has passed (the admission script checks the time)."""
         fields = await self._fields(key_id)
         if fields is None:
             return None
         key = new_key(key_id)
         client = self.store.client
-        await self.store.call(
-            lambda: client.hset(store.record_key(key_id), mapping={"hash": hash_key(key)})
-        )
-        return {**record_json(fields), "key": key}
+        rkey = store.record_key(key_id)
+        changes = {"hash": hash_key(key)}
+        if grace_s > 0:
+            until = await self.now_ms() + grace_s * 1000
+            changes.update(prev_hash=fields["hash"], prev_until_ms=str(until))
+            await self.store.call(lambda: client.hset(rkey, mapping=changes))
+        else:
+            await self.store.call(lambda: client.hset(rkey, mapping=changes))
+            await self.store.call(lambda: client.hdel(rkey, "prev_hash", "prev_until_ms"))
+            fields.pop("prev_until_ms", None)
+        return {**record_json({**fields, **changes}), "key": key}
 
     async def add_credits(self, key_id: str, amount_micros: int) -> dict[str, Any] | None:
         """Add (or remove, when negative) credits; a key without a balance starts from 0.

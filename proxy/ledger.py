@@ -35,7 +35,7 @@ class Ledger:
     async def settle(self, settlement: Settlement) -> None:
         """Settle one finished request; whatever keeps the store from taking it, spool it."""
         try:
-            await record(self.limiter, settlement)
+            settled = await record(self.limiter, settlement)
         except StoreDown as exc:
             self.metrics.store_errors.inc()
             log.warning(
@@ -45,6 +45,10 @@ class Ledger:
             self.metrics.store_errors.inc()
             log.exception("settling %s failed: spooled", settlement.request_id)
         else:
+            if settled.budget_micros:
+                self.metrics.budget_used(
+                    settled.key_name, settled.budget_spent_micros / settled.budget_micros
+                )
             return
         await asyncio.to_thread(self.spool.append, settlement.to_json())
         self.metrics.spooled.inc()  # the replay loop sets the exact count every round

@@ -32,17 +32,31 @@ class Decision:
     tokens_remaining: int = 0
     tokens_reset_ms: int = 0
     retry_after_ms: int = 0
+    budget_micros: int | None = None
+    budget_spent_micros: int = 0
+    budget_resets_ms: int = 0  # end of the budget's period, ms since the epoch
 
     @property
     def admitted(self) -> bool:
         return self.verdict == "ok"
 
 
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """The settlement script's answer: whether it settled now (not before), and the key's
+    budget after it (None: the key has none)."""
+
+    settled: bool
+    key_name: str = ""
+    budget_micros: int | None = None
+    budget_spent_micros: int = 0
+
+
 def _decision(reply: list[object]) -> Decision:
     verdict = str(reply[0])
-    if len(reply) < 9:
+    if len(reply) < 12:
         return Decision(verdict=verdict, key_name=str(reply[1]) if len(reply) > 1 else "")
-    n = [int(str(x)) for x in reply[2:9]]
+    n = [int(str(x)) for x in reply[2:12]]
     return Decision(
         verdict=verdict,
         key_name=str(reply[1]),
@@ -53,6 +67,9 @@ def _decision(reply: list[object]) -> Decision:
         tokens_remaining=n[4],
         tokens_reset_ms=n[5],
         retry_after_ms=n[6],
+        budget_micros=n[7] if n[7] >= 0 else None,
+        budget_spent_micros=n[8],
+        budget_resets_ms=n[9],
     )
 
 
@@ -102,7 +119,7 @@ class Limiter:
         cost_micros: int,
         record_json: str,
         request_ms: int | None = None,
-    ) -> bool:
+    ) -> Settled:
         """Release the request's slot and reservation, charge it, append its usage record.
 
         `request_ms` is when the request arrived (None: now); a record written much later is
@@ -122,7 +139,15 @@ class Limiter:
         ]
         keys = store.settlement_keys(key_id)
         reply = await self.store.run(self.store.settle_script, keys, args)
-        return bool(reply)
+        if not reply[0]:
+            return Settled(settled=False)
+        budget = int(reply[2])
+        return Settled(
+            settled=True,
+            key_name=str(reply[1]),
+            budget_micros=budget if budget >= 0 else None,
+            budget_spent_micros=int(reply[3]),
+        )
 
     async def release(self, key_id: str, request_id: str) -> bool:
         """Undo an admission that never reached the upstream (its reply was lost to a store

@@ -55,8 +55,13 @@ class Metrics:
             "tollgate_rate_limited", "Requests refused by a limit", [*key, "limit"], registry=r
         )
         self.credit_rejections = Counter(
-            "tollgate_credit_rejections", "Requests refused for credits", key, registry=r
-        )
+            "tollgate_credit_rejections", "Requests refused for credits or budget",
+            [*key, "reason"], registry=r,
+        )  # fmt: skip
+        self.budget_used_ratio = Gauge(
+            "tollgate_budget_used_ratio", "Budget spent / amount in the current period",
+            key, registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
         self.upstream_errors = Counter(
             "tollgate_upstream_errors", "Upstream failures", ["reason"], registry=r
         )
@@ -133,6 +138,11 @@ class Metrics:
             self._child(self.tokens, (model, *keyed, "completion")).inc(completion_tokens)
         if cost_usd:
             self._child(self.cost, (model, *keyed)).inc(cost_usd)
+
+    def budget_used(self, key_name: str, ratio: float) -> None:
+        """A key with a budget was admitted or settled: its share spent (keyed only)."""
+        if self.key_label:
+            self._child(self.budget_used_ratio, (key_name,)).set(ratio)
 
     def attempted(self, upstream: str, outcome: str, elapsed_s: float) -> None:
         """One upstream attempt ended: `outcome` is 2xx, 3xx, 4xx, 429, 5xx, connect or timeout."""

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from proxy.credits import micros_to_usd
-from proxy.limits import Limiter
+from proxy.limits import Limiter, Settled
 from proxy.metering import COMPACT_JSON, Usage
 
 SPOOL_VERSION = 1
@@ -169,8 +169,8 @@ class InFlight:
         )
 
 
-async def record(limiter: Limiter, s: Settlement) -> bool:
-    """Run the settle script for one settlement; True when it was settled now (not before).
+async def record(limiter: Limiter, s: Settlement) -> Settled:
+    """Run the settle script for one settlement; `settled` when it was settled now.
 
     Raises StoreDown when the store cannot take it."""
     return await limiter.settle(

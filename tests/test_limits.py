@@ -223,8 +223,8 @@ async def test_racing_admissions_never_overdraw_credits(store: Store) -> None:
 async def test_settlement_is_idempotent_per_request_id(store: Store) -> None:
     key = await new_key(store, credits=1000, tpm=1000)
     assert (await key.admit(T0, tokens=100, cost=200, request_id="once")).admitted
-    assert await key.settle("once", T0, cost=50) is True
-    assert await key.settle("once", T0 + 5, cost=50) is False
+    assert (await key.settle("once", T0, cost=50)).settled is True
+    assert (await key.settle("once", T0 + 5, cost=50)).settled is False
     record = await key.record()
     assert (record["credits"], record["reserved"]) == ("950", "0")
     usage = await store.client.xlen(keys_of.usage_key(key.id))
@@ -334,7 +334,7 @@ async def test_release_is_idempotent_and_a_later_settlement_records_nothing(stor
     assert (await key.admit(T0, tokens=100, cost=200, request_id="lost")).admitted
     assert await key.limiter.release(key.id, "lost") is True
     assert await key.limiter.release(key.id, "lost") is False
-    assert await key.settle("lost", T0, cost=50) is False  # a sweep of the same id, say
+    assert (await key.settle("lost", T0, cost=50)).settled is False  # a sweep of the same id, say
     record = await key.record()
     assert (record["credits"], record["reserved"]) == ("1000", "0")
     assert float((await key.bucket())["t"]) == 1000
@@ -345,7 +345,7 @@ async def test_release_is_idempotent_and_a_later_settlement_records_nothing(stor
 async def test_release_of_a_settled_or_never_admitted_id_changes_nothing(store: Store) -> None:
     key = await new_key(store, credits=1000, rpm=10, tpm=1000)
     assert (await key.admit(T0, tokens=100, cost=200, request_id="done")).admitted
-    assert await key.settle("done", T0, prompt=40, completion=20, cost=50) is True
+    assert (await key.settle("done", T0, prompt=40, completion=20, cost=50)).settled is True
     before = (await key.record(), await key.bucket(), await _inflight_and_reserved(key))
     assert await key.limiter.release(key.id, "done") is False
     assert await key.limiter.release(key.id, "never") is False

@@ -1,10 +1,14 @@
 -- Settle one request once its usage is known, and record that usage, in one round trip.
 -- Idempotent: a request id already settled is ignored, so a replayed record never counts twice.
 --
--- KEYS[1]  key record hash     tollgate:key:{id}         tpm, credits, reserved
+-- KEYS[1]  key record hash     tollgate:key:{id}         tpm, credits, reserved, name,
+--                                                        budget_micros, budget_spent,
+--                                                        budget_reserved, budget_start
 -- KEYS[2]  bucket hash         tollgate:bucket:{id}      t (tokens level)
 -- KEYS[3]  in-flight zset      tollgate:inflight:{id}    request id -> lease expiry (ms)
--- KEYS[4]  reservations hash   tollgate:reserved:{id}    request id -> "micros:tokens:<marker>"
+-- KEYS[4]  reservations hash   tollgate:reserved:{id}    request id -> "micros:tokens:<marker>",
+--                                                        "<request id>|x" -> "<budget micros>:
+--                                                        <period start ms>:<model pattern>"
 -- KEYS[5]  usage stream        tollgate:usage:{id}       raw usage records, field "r" = JSON
 -- KEYS[6]  aggregates hash     tollgate:agg:{id}         "<day>|<model>|<counter>" -> integer
 -- KEYS[7]  settled zset        tollgate:settled:{id}     request id -> settle time (ms)
@@ -25,7 +29,10 @@
 --
 -- The stream and the settled set use the Redis clock: records are ordered and retained by
 -- the time they were recorded; late records are found by their request's time through KEYS[8].
--- Returns 1 when settled now, 0 when this request id was settled before.
+-- The real cost counts against the budget period the request was admitted in (if that is
+-- still the current one), as its reservation there is released.
+-- Returns {1, name, budget_micros or -1, budget_spent_micros} when settled now, {0} when this
+-- request id was settled before.
 
 local record_key, bucket_key, inflight_key, reserved_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local usage_key, agg_key, settled_key, late_key = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
@@ -42,17 +49,19 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 -- Remember settled ids for as long as records are retained, the window a replay can come in;
 -- an id already there was settled before.
 if redis.call('ZADD', settled_key, 'NX', now, request_id) == 0 then
-  return 0
+  return {0}
 end
 redis.call('ZREMRANGEBYSCORE', settled_key, '-inf', now - retention_ms)
 
 redis.call('ZREM', inflight_key, request_id)
-local rec = redis.call('HMGET', record_key, 'credits', 'tpm')
+local rec = redis.call('HMGET', record_key, 'credits', 'tpm', 'name', 'budget_micros',
+  'budget_start')
 local reservation = redis.call('HGET', reserved_key, request_id)
+local estimate
 if reservation then
   redis.call('HDEL', reserved_key, request_id)
-  local micros, estimate = string.match(reservation, '^(%-?%d+):(%-?%d+):')
-  micros, estimate = tonumber(micros), tonumber(estimate)
+  local micros, tokens = string.match(reservation, '^(%-?%d+):(%-?%d+):')
+  micros, estimate = tonumber(micros), tonumber(tokens)
   if micros ~= 0 then
     redis.call('HINCRBY', record_key, 'reserved', -micros)
   end
@@ -67,6 +76,23 @@ if rec[1] and cost_micros ~= 0 then
   redis.call('HINCRBY', record_key, 'credits', -cost_micros)
 end
 
+local extra_field = request_id .. '|x'
+local extra = redis.call('HGET', reserved_key, extra_field)
+if extra then
+  redis.call('HDEL', reserved_key, extra_field)
+  local held, start, glob = string.match(extra, '^(%-?%d+):(%d*):(.*)$')
+  if start and start ~= '' and start == rec[5] then
+    redis.call('HINCRBY', record_key, 'budget_reserved', -tonumber(held))
+    redis.call('HINCRBY', record_key, 'budget_spent', cost_micros)
+  end
+  -- The model's tokens bucket is settled like the key's.
+  local field = 'm|' .. (glob or '') .. '|t'
+  if glob and glob ~= '' and estimate and estimate ~= used_tokens
+      and redis.call('HEXISTS', bucket_key, field) == 1 then
+    redis.call('HINCRBYFLOAT', bucket_key, field, estimate - used_tokens)
+  end
+end
+
 local entry_id = redis.call('XADD', usage_key, 'MINID', '~', now - retention_ms, '*', 'r', ARGV[9])
 if tonumber(string.match(entry_id, '^(%d+)')) - request_ms > late_ms then
   redis.call('ZADD', late_key, request_ms, entry_id)
@@ -77,4 +103,8 @@ redis.call('HINCRBY', agg_key, prefix .. 'requests', 1)
 redis.call('HINCRBY', agg_key, prefix .. 'prompt_tokens', prompt_tokens)
 redis.call('HINCRBY', agg_key, prefix .. 'completion_tokens', completion_tokens)
 redis.call('HINCRBY', agg_key, prefix .. 'cost_micros', cost_micros)
-return 1
+if not rec[4] then
+  return {1, rec[3] or '', -1, 0}
+end
+return {1, rec[3] or '', tonumber(rec[4]),
+  tonumber(redis.call('HGET', record_key, 'budget_spent') or '0')}

@@ -11,7 +11,8 @@ import re
 from collections.abc import Mapping
 
 # Metric name -> its labels, as SPEC §7 fixes them (the upstream_* ones per issue 14:
-# several upstreams, fallback and passive health).
+# several upstreams, fallback and passive health; per issue 15, budgets: `reason` on the 402
+# counter, credits | budget, and the share of each key's budget spent this period).
 SPEC_METRICS: dict[str, frozenset[str]] = {
     "tollgate_requests_total": frozenset({"route", "model", "status", "key"}),
     "tollgate_request_duration_seconds": frozenset({"route", "model", "stream"}),
@@ -19,7 +20,7 @@ SPEC_METRICS: dict[str, frozenset[str]] = {
     "tollgate_tokens_total": frozenset({"model", "key", "kind"}),
     "tollgate_cost_usd_total": frozenset({"model", "key"}),
     "tollgate_rate_limited_total": frozenset({"key", "limit"}),
-    "tollgate_credit_rejections_total": frozenset({"key"}),
+    "tollgate_credit_rejections_total": frozenset({"key", "reason"}),
     "tollgate_upstream_errors_total": frozenset({"reason"}),
     "tollgate_inflight_requests": frozenset(),
     "tollgate_active_streams": frozenset(),
@@ -30,6 +31,7 @@ SPEC_METRICS: dict[str, frozenset[str]] = {
     "tollgate_upstream_fallbacks_total": frozenset({"from", "to"}),
     "tollgate_upstream_healthy": frozenset({"upstream"}),
     "tollgate_upstream_attempt_seconds": frozenset({"upstream"}),
+    "tollgate_budget_used_ratio": frozenset({"key"}),
 }
 HISTOGRAMS = frozenset(
     {

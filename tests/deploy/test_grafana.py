@@ -161,3 +161,28 @@ def test_upstreams_row_shows_attempts_errors_fallbacks_health_and_latency_per_up
     latency = " ".join(expr for expr in exprs if "tollgate_upstream_attempt_seconds_bucket" in expr)
     quantiles = re.findall(r"histogram_quantile\(([\d.]+), sum by \(upstream, le\)", latency)
     assert sorted(quantiles) == ["0.5", "0.95"]
+
+
+def test_limits_row_splits_402s_by_reason_and_shows_the_budget_used_per_key() -> None:
+    """402s are `credits` or `budget`; the budget gauge is per process, so the panel takes the
+    highest any replica reports, as the alert does, and marks 90 % and 100 %."""
+    panels = _panels()
+    row = [panel["title"] for panel in panels].index("Limits and credits")
+    assert panels[row]["type"] == "row"
+    mine = {}
+    for panel in panels[row + 1 :]:
+        if panel["type"] == "row":
+            break
+        mine[panel["title"]] = panel
+    (rejections,) = [target["expr"] for target in mine["402s by key and reason"]["targets"]]
+    assert rejections == (
+        'sum by (key, reason) (rate(tollgate_credit_rejections_total{key=~"$key"}'
+        "[$__rate_interval]))"
+    )
+    budget = mine["Budget used by key"]
+    (used,) = [target["expr"] for target in budget["targets"]]
+    assert used == 'max by (key) (tollgate_budget_used_ratio{key=~"$key"})'
+    defaults = budget["fieldConfig"]["defaults"]
+    assert defaults["unit"] == "percentunit"
+    steps = [step["value"] for step in defaults["thresholds"]["steps"]]
+    assert steps == [None, 0.9, 1]

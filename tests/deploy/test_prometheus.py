@@ -95,6 +95,18 @@ def test_upstream_unhealthy_takes_the_lowest_value_per_upstream() -> None:
     assert "{{ $labels.upstream }}" in rule["annotations"]["summary"]
 
 
+def test_key_budget_nearly_spent_takes_the_highest_share_per_key() -> None:
+    """Each process sets the gauge when it admits or settles one of the key's requests, so a
+    replica that served the key earlier holds a lower value; the highest is the current one
+    (a sum would add the replicas up). The alert names the key and the share."""
+    (rule,) = [rule for rule in _rules() if rule["alert"] == "TollgateKeyBudgetNearlySpent"]
+    assert " ".join(rule["expr"].split()) == "max by (key) (tollgate_budget_used_ratio) > 0.9"
+    assert rule["for"] == "5m"
+    assert rule["labels"]["severity"] == "warning"
+    assert "{{ $labels.key }}" in rule["annotations"]["summary"]
+    assert "{{ $value | humanizePercentage }}" in rule["annotations"]["summary"]
+
+
 def test_every_alert_has_a_severity_and_summary() -> None:
     for rule in _rules():
         assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]

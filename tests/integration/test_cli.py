@@ -14,8 +14,10 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -457,3 +459,190 @@ def test_serve_with_a_ca_file_that_is_not_pem_is_one_line_and_status_2(
 
     line = one_line_error(done, 2)
     assert "TOLLGATE_UPSTREAM_CA_FILE" in line and str(ca_file) in line
+
+
+def iso_seconds(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+def test_keys_create_expires_in_sets_expires_at_then_update_expires_and_clears_it(
+    stack: Stack,
+) -> None:
+    before = time.time()
+    created = cli_json(stack, "keys", "create", "--name", "expiring", "--expires-in", "1h")
+    after = time.time()
+
+    assert before + 3600 - 1 <= iso_seconds(created["expires_at"]) <= after + 3600 + 1
+    assert created["expires_at"].endswith("Z")
+    assert chat(stack, created["key"]).status_code == 200
+
+    expired = cli_json(
+        stack, "keys", "update", created["id"], "--expires-at", "2001-02-03T04:05:06Z"
+    )
+    assert expired["expires_at"] == "2001-02-03T04:05:06Z"
+    assert expired == stack.admin.key(created["id"])
+    response = chat(stack, created["key"])
+    assert response.status_code == 401
+    assert response.json()["error"]["message"] == "API key expired"
+
+    cleared = cli_json(stack, "keys", "update", created["id"], "--expires-at", "none")
+    assert cleared["expires_at"] is None
+    assert chat(stack, created["key"]).status_code == 200
+
+
+def test_keys_rotate_grace_json_keeps_the_old_key_working_until_the_time_shown(
+    stack: Stack, created: dict[str, Any]
+) -> None:
+    before = time.time()
+    rotated = cli_json(stack, "keys", "rotate", created["id"], "--grace", "1h")
+    after = time.time()
+
+    assert rotated["key"] != created["key"]
+    until = iso_seconds(rotated["previous_secret_valid_until"])
+    assert before + 3600 - 1 <= until <= after + 3600 + 1
+    assert {k: v for k, v in rotated.items() if k != "key"} == stack.admin.key(created["id"])
+    assert chat(stack, created["key"]).status_code == 200
+    assert chat(stack, rotated["key"]).status_code == 200
+
+
+def test_keys_rotate_grace_text_says_until_when_the_old_key_works(
+    stack: Stack, created: dict[str, Any]
+) -> None:
+    done = tollgate("keys", "rotate", created["id"], "--grace", "2h", redis_url=stack.redis.url)
+
+    assert done.returncode == 0, done.stderr
+    until = stack.admin.key(created["id"])["previous_secret_valid_until"]
+    lines = done.stdout.splitlines()
+    assert f"old key works until: {until} (in 1h 59m)" in lines
+    assert lines[-1].startswith("key: sk-tg-")
+
+
+def test_keys_rotate_without_grace_stops_the_old_key_at_once(
+    stack: Stack, created: dict[str, Any]
+) -> None:
+    rotated = cli_json(stack, "keys", "rotate", created["id"])
+
+    assert rotated["previous_secret_valid_until"] is None
+    assert chat(stack, created["key"]).status_code == 401
+    assert chat(stack, rotated["key"]).status_code == 200
+
+
+def test_keys_restore_json_brings_a_revoked_key_back(stack: Stack, created: dict[str, Any]) -> None:
+    cli_json(stack, "keys", "revoke", created["id"])
+    assert chat(stack, created["key"]).status_code == 401
+
+    restored = cli_json(stack, "keys", "restore", created["id"])
+
+    assert restored["revoked"] is False
+    assert restored == stack.admin.key(created["id"])
+    assert chat(stack, created["key"]).status_code == 200
+
+
+def test_credits_unlimited_json_removes_the_balance(stack: Stack, created: dict[str, Any]) -> None:
+    answer = cli_json(stack, "credits", "unlimited", created["id"])
+
+    assert answer["credits"] is None
+    assert (answer["rpm"], answer["tpm"]) == (60, 40000)
+    assert answer == stack.admin.key(created["id"])
+    assert chat(stack, created["key"]).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("keys", "restore"), ("keys", "rotate"), ("credits", "unlimited")],
+)
+def test_new_commands_on_an_unknown_key_are_one_line_and_status_1(
+    stack: Stack, args: tuple[str, ...]
+) -> None:
+    done = tollgate(*args, "0123456789abcdef", redis_url=stack.redis.url)
+
+    assert "0123456789abcdef" in one_line_error(done, 1)
+
+
+def next_month_start(moment: datetime) -> str:
+    year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
+    return f"{year:04d}-{month:02d}-01T00:00:00Z"
+
+
+def test_keys_create_budget_json_shows_the_budget_its_spend_and_reset(stack: Stack) -> None:
+    before = datetime.now(UTC)
+    created = cli_json(stack, "keys", "create", "--name", "budgeted", "--budget", "50/month")
+    after = datetime.now(UTC)
+
+    assert created["budget"] == {"amount": 50, "period": "month"}
+    assert created["budget_spent"] == 0
+    assert created["budget_resets_at"] in {next_month_start(before), next_month_start(after)}
+    assert chat(stack, created["key"]).status_code == 200
+    wait_for(lambda: stack.admin.key(created["id"])["budget_spent"] > 0, what="budget spend")
+
+    shown = cli_json(stack, "keys", "show", created["id"])
+    assert shown == stack.admin.key(created["id"])
+    assert 0 < shown["budget_spent"] < 50
+
+
+def test_keys_show_text_says_budget_spent_and_reset(stack: Stack) -> None:
+    created = stack.admin.create_key(name="budget-text", budget={"amount": 2.5, "period": "day"})
+    assert chat(stack, created["key"]).status_code == 200
+    wait_for(lambda: stack.admin.key(created["id"])["budget_spent"] > 0, what="budget spend")
+
+    done = tollgate("keys", "show", created["id"], redis_url=stack.redis.url)
+
+    assert done.returncode == 0, done.stderr
+    record = stack.admin.key(created["id"])
+    spent = f"{record['budget_spent']:.6f}".rstrip("0").rstrip(".")
+    expected = f"budget: 2.5 USD per day, {spent} spent, resets at {record['budget_resets_at']}"
+    assert expected in done.stdout.splitlines()
+
+
+def test_keys_update_budget_too_small_gets_402_then_none_removes_it(
+    stack: Stack, created: dict[str, Any]
+) -> None:
+    tight = cli_json(stack, "keys", "update", created["id"], "--budget", "0.000001/day")
+
+    assert tight["budget"] == {"amount": 0.000001, "period": "day"}
+    response = chat(stack, created["key"])
+    assert response.status_code == 402
+    assert response.json()["error"]["code"] == "budget_exceeded"
+
+    removed = cli_json(stack, "keys", "update", created["id"], "--budget", "none")
+    assert removed["budget"] is None
+    assert removed == stack.admin.key(created["id"])
+    assert chat(stack, created["key"]).status_code == 200
+
+
+def test_keys_model_limit_json_gives_matching_models_their_own_bucket(stack: Stack) -> None:
+    created = cli_json(
+        stack, "keys", "create", "--name", "per-model", "--rpm", "100",
+        "--model-limit", "gpt-4o-mini*:rpm=1", "--model-limit", "*:tpm=1000000",
+    )  # fmt: skip
+
+    assert list(created["model_limits"]) == ["gpt-4o-mini*", "*"]
+    assert created["model_limits"]["gpt-4o-mini*"]["rpm"] == 1
+    first = chat(stack, created["key"])
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "1"
+    assert chat(stack, created["key"]).status_code == 429
+
+    cleared = cli_json(stack, "keys", "update", created["id"], "--model-limit", "none")
+    assert cleared["model_limits"] is None
+    assert cleared == stack.admin.key(created["id"])
+    response = chat(stack, created["key"])
+    assert response.status_code == 200
+    assert response.headers["x-ratelimit-limit-requests"] == "100"
+
+
+def test_keys_list_table_has_budget_and_expiry_columns(stack: Stack) -> None:
+    created = stack.admin.create_key(
+        name="listed", budget={"amount": 7, "period": "week"}, expires_at="2031-01-01T00:00:00Z"
+    )
+
+    done = tollgate("keys", "list", redis_url=stack.redis.url)
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == [
+        "id", "name", "rpm", "tpm", "max_concurrency", "credits", "budget", "expires_at",
+        "revoked",
+    ]  # fmt: skip
+    row = next(line.split() for line in lines if line.startswith(created["id"]))
+    assert row[6:] == ["7/week", "2031-01-01T00:00:00Z", "False"]
