@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 
-from proxy.cli import key_payload, key_text, main, parse_args, rotate_payload
+from proxy.cli import main
+from proxy.cli.arguments import parse_args
+from proxy.cli.keys import key_payload, rotate_payload
+from proxy.cli.text import key_text
 from tests.servers import free_port
 
 NOW = datetime(2030, 1, 31, 12, 0, 0, tzinfo=UTC)
