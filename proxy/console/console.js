@@ -13,7 +13,6 @@ const CSV_FIELDS = [
 const SVG = "http://www.w3.org/2000/svg";
 
 const $ = (id) => document.getElementById(id);
-let keys = [];
 let current = null; // the record shown in the detail panel
 let usage = { day: null, model: null };
 
@@ -194,7 +193,6 @@ async function loadKeys() {
 }
 
 function showKeys(records) {
-  keys = records;
   const body = $("keys-body");
   body.replaceChildren();
   const spendCells = [];
@@ -435,8 +433,14 @@ async function exportRecords(format) {
   const form = $("export-form");
   const since = form.elements.since.value, until = form.elements.until.value;
   $("export-state").textContent = "Exporting…";
-  const text = await api("GET", "/admin/usage/export?since=" + encodeURIComponent(since) +
-    "&until=" + encodeURIComponent(until));
+  let text;
+  try {
+    text = await api("GET", "/admin/usage/export?since=" + encodeURIComponent(since) +
+      "&until=" + encodeURIComponent(until));
+  } catch (err) {
+    $("export-state").textContent = "Export failed.";
+    throw err;
+  }
   const lines = text.split("\n").filter((line) => line);
   const name = "tollgate-usage-" + since + "-" + until;
   if (format === "csv") {

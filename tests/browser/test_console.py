@@ -330,6 +330,7 @@ def _screenshot(console: Console) -> None:
     """The console at 1280 px wide, its whole height: for the README when
     TOLLGATE_CONSOLE_SCREENSHOT names a file (scripts/test.sh keeps docs/console.png)."""
     target = os.environ.get("TOLLGATE_CONSOLE_SCREENSHOT")
+    console.driver.execute_script("window.scrollTo(0, 0)")
     height = console.driver.execute_script("return document.documentElement.scrollHeight")
     console.driver.set_window_size(1280, min(int(height) + 100, 4000))
     png = console.driver.get_screenshot_as_png()
