@@ -59,6 +59,13 @@ def test_wrong_token_shows_an_error_and_the_right_one_lists_the_keys(
     assert not console.find("login").is_displayed()
     console.row(record["id"])
 
+    # A kept token that stops working (the admin token was changed) asks again, saying why.
+    console.driver.execute_script("sessionStorage.setItem('tollgate.adminToken', 'stale')")
+    console.driver.refresh()
+    console.wait.until(ec.visibility_of_element_located((By.ID, "login-error")))
+    assert "refused" in console.find("login-error").text
+    assert console.driver.execute_script("return sessionStorage.length") == 0
+
 
 def test_created_key_is_listed_and_its_secret_shown_once_works(
     console: Console, tollgate: Tollgate
@@ -139,6 +146,13 @@ def test_top_up_adds_to_the_balance(console: Console, tollgate: Tollgate) -> Non
     console.fill("topup-form", amount="-0.5")
     console.submit("topup-form")
     console.status_is("Added -$0.50 to carol.")
+    assert tollgate.admin.key(record["id"])["credits"] == 3.0
+
+    # What the API refuses is shown as it says it.
+    console.fill("topup-form", amount="2000000000")
+    console.submit("topup-form")
+    console.wait.until(ec.visibility_of_element_located((By.ID, "error")))
+    assert "amount must be a number of USD" in console.find("error").text
     assert tollgate.admin.key(record["id"])["credits"] == 3.0
 
 
@@ -327,8 +341,8 @@ def _downloaded(console: Console, path: Path) -> str:
 
 
 def _screenshot(console: Console) -> None:
-    """The console at 1280 px wide, its whole height: for the README when
-    TOLLGATE_CONSOLE_SCREENSHOT names a file (scripts/test.sh keeps docs/console.png)."""
+    """The console at 1280 px wide, its whole height, saved where TOLLGATE_CONSOLE_SCREENSHOT
+    says (`TOLLGATE_CONSOLE_SCREENSHOT=docs/console.png` renews the README's)."""
     target = os.environ.get("TOLLGATE_CONSOLE_SCREENSHOT")
     console.driver.execute_script("window.scrollTo(0, 0)")
     height = console.driver.execute_script("return document.documentElement.scrollHeight")
