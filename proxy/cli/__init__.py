@@ -1,7 +1,8 @@
 """The `tollgate` command (`proxy.cli:main`): parse the command line, build Settings (the only
 place they are built, from TOLLGATE_* and flags), then run the command.
 
-arguments.py: the parser and every flag's value; servers.py: serve and demo; operations.py:
+arguments.py: the parser and every flag's value; servers.py: serve, demo and mock-upstream;
+operations.py:
 the store commands, in keys.py and usage.py; text.py: answers for people; status.py: exit
 statuses.
 """
@@ -22,9 +23,9 @@ __all__ = ["main"]
 
 
 def _run(args: argparse.Namespace) -> int:
-    overrides = {k: getattr(args, k, None) for k in ("host", "port", "workers")}
-    if args.command == "demo":
-        overrides = {}
+    overrides = {}
+    if args.command == "serve":
+        overrides = {k: getattr(args, k) for k in ("host", "port", "workers")}
     try:
         settings = load_settings(os.environ, overrides)
     except ConfigError as exc:
@@ -33,12 +34,14 @@ def _run(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
-    if args.command in ("serve", "demo"):
+    if args.command in ("serve", "demo", "mock-upstream"):
         from proxy.cli import servers
 
         if args.command == "serve":
             return servers.serve(settings)
-        return servers.demo(settings, args.host, args.port)
+        if args.command == "demo":
+            return servers.demo(settings, args.host, args.port)
+        return servers.mock_upstream(settings, args.host, args.port)
     if not settings.redis_url:
         return fail("tollgate: set TOLLGATE_REDIS_URL to the store the server uses", USAGE_ERROR)
     from proxy.cli.operations import operate

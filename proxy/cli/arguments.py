@@ -24,7 +24,11 @@ UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION_PART = re.compile(r"(\d{1,12})([smhdw])")
 
 DESCRIPTION = """\
-The `tollgate` command: serve | demo | keys | credits | usage.
+Tollgate: a rate-limiting and metering proxy for OpenAI-compatible APIs.
+
+serve and demo run it, mock-upstream runs a fake provider to try it with; keys, credits and
+usage work on the store of TOLLGATE_REDIS_URL as the admin API does. `tollgate COMMAND --help`
+says more.
 
 Every error is one line on stderr: status 2 for a bad command line or setting (before anything
 listens or touches the store), 1 for a command that could not be carried out (store
@@ -199,90 +203,173 @@ class _ModelLimits(argparse.Action):
         setattr(namespace, self.dest, limits)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tollgate", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", required=True)
+_KEY_ID = "the key's id (16 hex digits, as `keys list` shows)"
+_JSON = "print exactly the admin API's JSON answer instead of text"
 
-    serve = sub.add_parser("serve", help="run the proxy (config from TOLLGATE_* variables)")
-    serve.add_argument("--host", default=None)
-    serve.add_argument("--port", type=_port, default=None)
-    serve.add_argument("--workers", type=_workers, default=None)
 
-    demo = sub.add_parser("demo", help="in-process store + mock upstream + a demo key")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=_port, default=8080)
+def _key_flags(action: argparse.ArgumentParser) -> None:
+    """The flags `keys create` and `keys update` share. Absent flags stay absent (SUPPRESS):
+    `update` changes only what it is given, and `--rpm none` (or `--rpm=none`) is a value."""
+    for flag, what in (
+        ("--rpm", "requests per minute"),
+        ("--tpm", "tokens per minute"),
+        ("--max-concurrency", "requests in flight at once"),
+    ):
+        action.add_argument(
+            flag, type=_limit, default=argparse.SUPPRESS, metavar="N",
+            help=f"{what}: a non-negative integer, or none for unlimited",
+        )  # fmt: skip
+    action.add_argument(
+        "--allowed-models", metavar="MODELS",
+        help="comma-separated model names or glob patterns (gpt-4o*,o1-mini); empty for all",
+    )  # fmt: skip
+    action.add_argument(
+        "--metadata", type=_metadata, metavar="JSON",
+        help='a JSON object kept with the key, e.g. \'{"team": "search"}\'',
+    )  # fmt: skip
+    action.add_argument(
+        "--budget", type=_budget, default=argparse.SUPPRESS, metavar="AMOUNT/PERIOD",
+        help="a spending cap in USD per UTC day, Monday week or month (50/month), or none",
+    )  # fmt: skip
+    expiry = action.add_mutually_exclusive_group()
+    expiry.add_argument(
+        "--expires-in", type=_expires_in, default=argparse.SUPPRESS, metavar="DURATION",
+        help="the key stops working this long from now: 90s, 30m, 12h, 30d, 2w",
+    )  # fmt: skip
+    expiry.add_argument(
+        "--expires-at", type=_instant, default=argparse.SUPPRESS, metavar="TIME",
+        help="the key stops working at this ISO 8601 time (no offset = UTC), or none",
+    )  # fmt: skip
+    action.add_argument(
+        "--model-limit", dest="model_limits", type=_model_limit, action=_ModelLimits,
+        default=argparse.SUPPRESS, metavar="PATTERN:rpm=N,tpm=N",
+        help="rpm/tpm for models matching a glob pattern; repeatable, the first match "
+        "applies; none clears them",
+    )  # fmt: skip
+    action.add_argument("--json", action="store_true", help=_JSON)
 
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
-        dest="action", required=True
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tollgate", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve", help="run the proxy (configured by TOLLGATE_* variables)",
+        description="Run the proxy. Settings come from TOLLGATE_* variables; these flags "
+        "override TOLLGATE_HOST, TOLLGATE_PORT and TOLLGATE_WORKERS.",
+    )  # fmt: skip
+    serve.add_argument("--host", default=None, help="address to listen on")
+    serve.add_argument("--port", type=_port, default=None, help="port to listen on (1-65535)")
+    serve.add_argument(
+        "--workers", type=_workers, default=None, help="worker processes (at least 1)"
     )
-    create = keys.add_parser("create")
-    create.add_argument("--name", required=True)
-    update = keys.add_parser("update")
-    update.add_argument("id")
-    update.add_argument("--name")
-    for action in (create, update):
-        # Absent flags stay absent (SUPPRESS): `update` changes only what it is given, and
-        # `--rpm none` (or `--rpm=none`) is a value, unlimited.
-        for flag in ("--rpm", "--tpm", "--max-concurrency"):
-            action.add_argument(
-                flag, type=_limit, default=argparse.SUPPRESS, help="an integer, or none"
-            )
-        action.add_argument(
-            "--allowed-models", help="comma-separated names or glob patterns; empty for all"
-        )
-        action.add_argument("--metadata", type=_metadata, help="a JSON object")
-        action.add_argument(
-            "--budget", type=_budget, default=argparse.SUPPRESS,
-            help="USD per day|week|month (50/month), or none",
-        )  # fmt: skip
-        expiry = action.add_mutually_exclusive_group()
-        expiry.add_argument(
-            "--expires-in", type=_expires_in, default=argparse.SUPPRESS,
-            help="from now: 90s, 30m, 12h, 30d, 2w",
-        )  # fmt: skip
-        expiry.add_argument(
-            "--expires-at", type=_instant, default=argparse.SUPPRESS,
-            help="ISO 8601 (no offset = UTC), or none",
-        )  # fmt: skip
-        action.add_argument(
-            "--model-limit", dest="model_limits", type=_model_limit, action=_ModelLimits,
-            default=argparse.SUPPRESS, metavar="PATTERN:rpm=N,tpm=N",
-            help="limits for models matching a glob pattern; repeatable; none clears them",
-        )  # fmt: skip
-        action.add_argument("--json", action="store_true")
-    create.add_argument("--credits", type=_usd, help="USD")
-    listing = keys.add_parser("list")
-    listing.add_argument("--json", action="store_true")
-    for name in ("show", "revoke", "rotate", "restore"):
-        action = keys.add_parser(name)
-        action.add_argument("id")
-        action.add_argument("--json", action="store_true")
+
+    demo = sub.add_parser(
+        "demo", help="in-process store + mock upstream + a demo key",
+        description="Try Tollgate with nothing else installed: an in-process store, the "
+        "built-in mock upstream and a demo key, printed with commands to try.",
+    )  # fmt: skip
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    demo.add_argument("--port", type=_port, default=8080, help="port to listen on (8080)")
+
+    mock = sub.add_parser(
+        "mock-upstream", help="run the built-in mock upstream (an OpenAI-style server)",
+        description="Run the built-in mock upstream, an OpenAI-compatible server that needs "
+        "no provider or key, and point `tollgate serve` at it with "
+        "TOLLGATE_UPSTREAM_URL=http://HOST:PORT/v1. Models named mock-slow, mock-hang, "
+        "mock-error, mock-bad-json, mock-drop and mock-no-usage misbehave on purpose.",
+    )  # fmt: skip
+    mock.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    mock.add_argument("--port", type=_port, default=9000, help="port to listen on (9000)")
+
+    keys = sub.add_parser(
+        "keys", help="manage API keys", description="Manage API keys in TOLLGATE_REDIS_URL."
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = keys.add_parser(
+        "create", help="create a key; its secret is shown only once",
+        description="Create a key. Its secret is printed only now. Limits left out are "
+        "unlimited.",
+    )  # fmt: skip
+    create.add_argument("--name", required=True, help="a name for people, 1-200 characters")
+    _key_flags(create)
+    create.add_argument(
+        "--credits", type=_usd, metavar="USD",
+        help="a starting balance in USD; without it the balance is unlimited",
+    )  # fmt: skip
+    update = keys.add_parser(
+        "update", help="change a key's name, limits, models, budget, expiry or metadata",
+        description="Change a key. Only the flags given change; none removes a limit.",
+    )  # fmt: skip
+    update.add_argument("id", help=_KEY_ID)
+    update.add_argument("--name", help="a new name, 1-200 characters")
+    _key_flags(update)
+    listing = keys.add_parser("list", help="every key as a table")
+    listing.add_argument("--json", action="store_true", help=_JSON)
+    for name, what in (
+        ("show", "one key's record"),
+        ("revoke", "revoke a key (refused from its next request)"),
+        ("rotate", "a new secret for a key: same id, limits, balance and history"),
+        ("restore", "bring a revoked key back"),
+    ):
+        action = keys.add_parser(name, help=what)
+        action.add_argument("id", help=_KEY_ID)
+        action.add_argument("--json", action="store_true", help=_JSON)
         if name == "rotate":
             action.add_argument(
-                "--grace", type=_grace, default=None,
-                help="how long the old key keeps working (0 to 30d, e.g. 1h); default 0",
+                "--grace", type=_grace, default=None, metavar="DURATION",
+                help="how long the old secret keeps working (0 to 30d, e.g. 1h); default 0",
             )  # fmt: skip
 
     credits = sub.add_parser("credits", help="add or remove credits")
-    credits_sub = credits.add_subparsers(dest="action", required=True)
-    add = credits_sub.add_parser("add")
-    add.add_argument("id")
-    add.add_argument("amount", type=_usd, help="USD; negative removes")
-    add.add_argument("--json", action="store_true")
+    credits_sub = credits.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = credits_sub.add_parser("add", help="add credits to a key's balance (or remove them)")
+    add.add_argument("id", help=_KEY_ID)
+    add.add_argument("amount", type=_usd, help="USD; a negative amount removes credits")
+    add.add_argument("--json", action="store_true", help=_JSON)
     unlimited = credits_sub.add_parser("unlimited", help="no balance: unlimited credits")
-    unlimited.add_argument("id")
-    unlimited.add_argument("--json", action="store_true")
+    unlimited.add_argument("id", help=_KEY_ID)
+    unlimited.add_argument("--json", action="store_true", help=_JSON)
 
-    usage = sub.add_parser("usage", help="usage of one key, or every record as JSON Lines")
-    usage.add_argument("--key", dest="key_id")
-    usage.add_argument("--since")
-    usage.add_argument("--until")
-    usage.add_argument("--group-by", choices=("day", "model"), default="day")
-    usage.add_argument("--format", choices=("table", "csv", "jsonl"), default="table")
-    usage.add_argument("--json", action="store_true")
+    usage = sub.add_parser(
+        "usage", help="usage by key, model or day; or every usage record as JSON Lines",
+        description="Usage in a window of time, across every key or of one: requests, "
+        "tokens and cost grouped by key, model or UTC day, as a table or CSV; or the usage "
+        "records themselves as JSON Lines. Windows of whole UTC days are answered from "
+        "aggregates kept forever; others from the raw records "
+        "(TOLLGATE_USAGE_RETENTION_DAYS).",
+    )  # fmt: skip
+    usage.add_argument("--key", dest="key_id", metavar="ID", help="only this key (default: all)")
+    usage.add_argument(
+        "--since", metavar="TIME",
+        help="start of the window: an ISO 8601 date or time (no offset = UTC) or Unix "
+        "seconds; default: 29 days before today (UTC)",
+    )  # fmt: skip
+    usage.add_argument(
+        "--until", metavar="TIME",
+        help="end of the window: a date counts whole (--until 2026-11-30 includes that day); "
+        "a time or Unix seconds is where the window ends, exclusive; default: the end of "
+        "today (UTC)",
+    )  # fmt: skip
+    usage.add_argument(
+        "--group-by", choices=("key", "model", "day"), default=None,
+        help="rows per key, model or UTC day; default: key, or day with --key",
+    )  # fmt: skip
+    usage.add_argument(
+        "--format", choices=("table", "csv", "jsonl"), default="table",
+        help="table (with a total row), csv (one row per group) or jsonl (the usage records "
+        "themselves); default: table",
+    )  # fmt: skip
+    usage.add_argument(
+        "--json", action="store_true",
+        help="print the JSON answer: the admin API's usage answer (with --key; key_id null "
+        "across all keys)",
+    )  # fmt: skip
     return parser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line; a bad flag is one line on stderr and SystemExit(2)."""
-    return _parser().parse_args(argv)
+    return build_parser().parse_args(argv)

@@ -13,7 +13,7 @@ from typing import Any
 
 from proxy.cli.arguments import iso
 from proxy.cli.status import FAILED, fail
-from proxy.cli.text import budget_cell, key_text, print_answer, table
+from proxy.cli.text import budget_cell, credits_cell, key_text, limit_text, print_answer, table
 from proxy.credits import usd_to_micros
 from proxy.key_fields import grace_seconds, parse_key_fields
 from proxy.keys import Keyring
@@ -61,6 +61,19 @@ def flag_of(param: str | None, args: argparse.Namespace) -> str | None:
     return "--" + field.replace("_", "-") if field in known else None
 
 
+def keys_table(records: list[dict[str, Any]]) -> str:
+    """`keys list` for people: one key a line."""
+    columns = ["id", "name", "rpm", "tpm", "max_concurrency", "credits", "budget",
+               "expires_at", "revoked"]  # fmt: skip
+    rows = [
+        [r["id"], r["name"], limit_text(r["rpm"]), limit_text(r["tpm"]),
+         limit_text(r["max_concurrency"]), credits_cell(r["credits"]), budget_cell(r["budget"]),
+         r["expires_at"] or "never", "yes" if r["revoked"] else "no"]
+        for r in records
+    ]  # fmt: skip
+    return table(columns, rows, right=("rpm", "tpm", "max_concurrency", "credits"))
+
+
 def checked_fields(args: argparse.Namespace, *, now: datetime) -> dict[str, Any]:
     """The key fields a `keys` or `credits` command changes, checked as the admin API checks
     them (a ProxyError naming the field when one is refused)."""
@@ -88,10 +101,7 @@ async def run_keys(
     if action == "list":
         records = await keyring.all()
         answer = {"object": "list", "data": records}
-        columns = ["id", "name", "rpm", "tpm", "max_concurrency", "credits", "budget",
-                   "expires_at", "revoked"]  # fmt: skip
-        rows = [{**r, "budget": budget_cell(r.get("budget"))} for r in records]
-        print_answer(answer, as_json, lambda a: table(rows, columns))
+        print_answer(answer, as_json, lambda a: keys_table(records))
         return 0
     if action == "rotate":
         return _answer(await keyring.rotate(args.id, **fields), as_json, args.id)

@@ -18,7 +18,7 @@ from proxy.cli.usage import run_usage, window
 from proxy.config import Settings
 from proxy.errors import ProxyError
 from proxy.keys import Keyring
-from proxy.store import StoreDown, open_store
+from proxy.store import Store, StoreDown, open_store
 
 
 def _shown_url(url: str) -> str:
@@ -27,7 +27,11 @@ def _shown_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
-async def operate(settings: Settings, args: argparse.Namespace) -> int:
+async def operate(
+    settings: Settings, args: argparse.Namespace, *, store: Store | None = None
+) -> int:
+    """Run a keys, credits or usage command; on `store` when given (tests), else on the store
+    of TOLLGATE_REDIS_URL, opened and closed here."""
     action = getattr(args, "action", None)
     fields: dict[str, Any] = {}
     try:
@@ -41,8 +45,9 @@ async def operate(settings: Settings, args: argparse.Namespace) -> int:
         return fail(f"tollgate {args.command} {action}: {where}{exc.message}", USAGE_ERROR)
     except usage.BadTime as exc:
         return fail(f"tollgate usage: {exc}", USAGE_ERROR)
+    opened = store is None
     try:
-        store = open_store(settings)
+        store = store or open_store(settings)
     except ValueError as exc:  # a URL redis-py cannot parse
         return fail(f"tollgate: TOLLGATE_REDIS_URL: {exc}", USAGE_ERROR)
     keyring = Keyring(store)
@@ -59,4 +64,5 @@ async def operate(settings: Settings, args: argparse.Namespace) -> int:
     except ProxyError as exc:  # refused by the store's own checks, e.g. a balance's bounds
         return fail(f"tollgate: {exc.message}", FAILED)
     finally:
-        await store.aclose()
+        if opened:
+            await store.aclose()

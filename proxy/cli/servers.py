@@ -1,4 +1,4 @@
-"""`tollgate serve` and `tollgate demo`: check what the server needs, then run uvicorn.
+"""`tollgate serve`, `demo` and `mock-upstream`: check what the server needs, then run uvicorn.
 
 `build_app` is uvicorn's factory in each worker process of `serve`.
 """
@@ -138,4 +138,40 @@ def demo(settings: Settings, host: str, port: int) -> int:
         return FAILED
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_demo(settings, sock=sock, host=host))
+    return 0
+
+
+def _shown(host: str) -> str:
+    """The host of a URL a person can open: loopback for a wildcard, brackets for IPv6."""
+    if host in ("0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def mock_upstream(settings: Settings, host: str, port: int) -> int:
+    """The built-in mock upstream on host:port until Ctrl+C or SIGTERM (exit 0)."""
+    import uvicorn
+
+    from proxy.demo import listen
+    from proxy.mock_upstream import create_mock_upstream
+
+    try:
+        sock = listen(host, port)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        print(f"tollgate: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
+        return FAILED
+    url = f"http://{_shown(host)}:{sock.getsockname()[1]}/v1"
+    print(
+        f"Tollgate's mock upstream is answering at {url} (no provider, no key needed).\n"
+        f"Point Tollgate at it:  TOLLGATE_UPSTREAM_URL={url} tollgate serve\n"
+        "Press Ctrl+C to stop.",
+        flush=True,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(create_mock_upstream(), log_level=settings.log_level, access_log=False)
+    )
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(server.serve(sockets=[sock]))
     return 0

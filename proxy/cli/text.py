@@ -1,4 +1,5 @@
-"""Answers for people: key records as `field: value` lines, lists as aligned tables."""
+"""Answers for people: key records as `field: value` lines, lists as aligned tables; never a
+Python repr (`unlimited`, not None; `yes`/`no`; lists and metadata as such)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def _budget_text(record: dict[str, Any]) -> str | None:
         return None
     text = f"{usd_text(budget['amount'])} USD per {budget['period']}"
     if record.get("budget_spent") is not None:
-        text += f", {usd_text(record['budget_spent'])} spent"
+        text += f", {usd_text(record['budget_spent'])} USD spent"
     if record.get("budget_resets_at"):
         text += f", resets at {record['budget_resets_at']}"
     return text
@@ -51,28 +52,68 @@ def _budget_text(record: dict[str, Any]) -> str | None:
 def _model_limits_text(limits: dict[str, dict[str, int | None]] | None) -> str | None:
     if not limits:
         return None
+    # A limit left out is unlimited; a pattern with neither exempts its models from the
+    # key's own model limits, as the first matching pattern applies.
     return "; ".join(
-        " ".join([pattern] + [f"{k}={v if v is not None else 'none'}" for k, v in dims.items()])
+        " ".join(
+            [pattern, *([f"{k}={v}" for k, v in dims.items() if v is not None] or ["unlimited"])]
+        )
         for pattern, dims in limits.items()
     )
 
 
+def value_text(value: Any) -> str:
+    """Any JSON value for people: none, yes/no, a list joined by commas, an object as JSON."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return usd_text(value)
+    if isinstance(value, list):
+        return ", ".join(value_text(item) for item in value) or "none"
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False) if value else "none"
+    return str(value)
+
+
+def limit_text(value: int | None) -> str:
+    return "unlimited" if value is None else str(value)
+
+
+def credits_cell(value: float | None) -> str:
+    return "unlimited" if value is None else usd_text(value)
+
+
+def _field_text(field: str, record: dict[str, Any], now: datetime) -> str:
+    value = record[field]
+    if field in ("rpm", "tpm", "max_concurrency"):
+        return limit_text(value)
+    if field in ("credits", "reserved_credits"):
+        return "unlimited" if value is None else f"{usd_text(value)} USD"
+    if field == "allowed_models":
+        return ", ".join(value) if value else "all"
+    if field == "budget":
+        return _budget_text(record) or "none"
+    if field == "model_limits":
+        return _model_limits_text(value) or "none"
+    if field == "expires_at":
+        if not value:
+            return "never"
+        expired = _moment(value) <= now
+        return f"{value} (expired)" if expired else f"{value} ({_from_now(value, now)})"
+    return value_text(value)
+
+
 def key_text(record: dict[str, Any], now: datetime | None = None) -> str:
-    """A key record for people: one `field: value` line each; budget, expiry, model limits and
-    a rotated key's grace in words."""
+    """A key record for people: one `field: value` line each; limits, credits, budget, expiry,
+    model limits and a rotated key's grace in words."""
     now = now or datetime.now(UTC)
     lines = []
-    for field, value in record.items():
+    for field in record:
         if field in ("key", "budget_spent", "budget_resets_at", "previous_secret_valid_until"):
             continue
-        if field == "budget":
-            value = _budget_text(record)
-        elif field == "model_limits":
-            value = _model_limits_text(value)
-        elif field == "expires_at" and value:
-            expired = _moment(value) <= now
-            value += " (expired)" if expired else f" ({_from_now(value, now)})"
-        lines.append(f"{field}: {value}")
+        lines.append(f"{field}: {_field_text(field, record, now)}")
     until = record.get("previous_secret_valid_until")
     if until and _moment(until) > now:
         lines.append(f"old key works until: {until} ({_from_now(until, now)})")
@@ -83,13 +124,19 @@ def key_text(record: dict[str, Any], now: datetime | None = None) -> str:
     return "\n".join(lines)
 
 
-def budget_cell(budget: dict[str, Any] | None) -> str | None:
-    return f"{usd_text(budget['amount'])}/{budget['period']}" if budget else None
+def budget_cell(budget: dict[str, Any] | None) -> str:
+    return f"{usd_text(budget['amount'])}/{budget['period']}" if budget else "none"
 
 
-def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(lines)
+def table(columns: list[str], rows: list[list[str]], *, right: tuple[str, ...] = ()) -> str:
+    """Columns two spaces apart, those named in `right` (numbers) aligned right; no trailing
+    spaces."""
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            cell.rjust(width) if column in right else cell.ljust(width)
+            for cell, width, column in zip(cells, widths, columns, strict=True)
+        ).rstrip()
+
+    return "\n".join([line(columns), *(line(r) for r in rows)])
