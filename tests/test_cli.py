@@ -6,6 +6,7 @@ The same commands against a real store and proxy are in tests/integration/test_c
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -360,3 +361,19 @@ def test_help_of_every_command_exits_0_and_explains_each_option(
             assert option in out
         if action.help and not isinstance(action, argparse._SubParsersAction):
             assert " ".join(action.help.split()[:3]) in " ".join(out.split())
+
+
+def test_serve_without_an_upstream_is_one_line_pointing_at_mock_upstream(
+    monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    for name in [n for n in os.environ if n.startswith("TOLLGATE_")]:
+        monkeypatch.delenv(name)
+
+    status = main(["serve", "--port", str(free_port())])
+
+    out, err = capsys.readouterr()
+    assert (status, out) == (2, "")
+    assert err == (
+        "tollgate: TOLLGATE_UPSTREAM_URL or TOLLGATE_UPSTREAMS is required for serve "
+        "(`tollgate mock-upstream` runs a fake one to try it with)\n"
+    )

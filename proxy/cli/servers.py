@@ -88,7 +88,8 @@ def serve(settings: Settings) -> int:
 
     if not settings.upstream_configs():
         print(
-            "tollgate: TOLLGATE_UPSTREAM_URL or TOLLGATE_UPSTREAMS is required for serve",
+            "tollgate: TOLLGATE_UPSTREAM_URL or TOLLGATE_UPSTREAMS is required for serve "
+            "(`tollgate mock-upstream` runs a fake one to try it with)",
             file=sys.stderr,
         )
         return USAGE_ERROR

@@ -12,7 +12,7 @@ from proxy.cli.arguments import UNIT_S
 
 
 def print_answer(answer: Any, as_json: bool, text: Callable[[Any], str]) -> None:
-    print(json.dumps(answer, indent=None if as_json else 2) if as_json else text(answer))
+    print(json.dumps(answer) if as_json else text(answer))
 
 
 def usd_text(value: float) -> str:
