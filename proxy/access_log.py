@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import re
 import sys
-from datetime import UTC, datetime
-from json.encoder import encode_basestring_ascii
+import time
+from json.encoder import encode_basestring_ascii as _esc
 from typing import Any, NamedTuple
-
-from proxy.metering import COMPACT_JSON
 
 FORMATS = ("json", "text", "off")
 FIELDS = (
@@ -23,7 +21,7 @@ FIELDS = (
     "ttft_ms", "error",
 )  # fmt: skip
 _LONGEST = 1000  # characters of a client's path or model name kept in a line
-_BARE = re.compile(r"^[A-Za-z0-9._:/@+\-]+$")  # text values printed without quotes
+_BARE = re.compile(r"[A-Za-z0-9._:/@+\-]+")  # text values printed without quotes
 
 
 class Entry(NamedTuple):
@@ -61,6 +59,8 @@ class AccessLog:
         if fmt not in ("json", "text"):
             raise ValueError(f"access log format must be json or text, got {fmt!r}")
         self.text = fmt == "text"
+        self._second = -1  # the second `_prefix` is formatted for: one strftime a second
+        self._prefix = ""
 
     def write(
         self,
@@ -82,48 +82,107 @@ class AccessLog:
             error = state.get("error") or error_type(status)
         if len(path) > _LONGEST:
             path = path[:_LONGEST]
-        e = entry or _NO_ENTRY
-        model = e.model if e.model is None or len(e.model) <= _LONGEST else e.model[:_LONGEST]
-        record = {
-            "ts": datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds"),
-            "request_id": request_id,
-            "method": method,
-            "path": path,
-            "status": status,
-            "key_id": e.key_id,
-            "key_name": e.key_name,
-            "model": model,
-            "upstream": e.upstream,
-            "attempts": e.attempts,
-            "stream": e.stream,
-            "prompt_tokens": e.prompt_tokens,
-            "completion_tokens": e.completion_tokens,
-            "cost_usd": e.cost_usd,
-            "latency_ms": latency_ms,
-            "ttft_ms": e.ttft_ms,
-            "error": error,
-        }
-        line = _text(record) if self.text else COMPACT_JSON.encode(record)
+        when = self._iso(ts)
+        if self.text:
+            line = _text(when, request_id, method, path, status, latency_ms, entry, error)
+        else:
+            line = _json(when, request_id, method, path, status, latency_ms, entry, error)
         try:
             out = sys.stdout
-            out.write(line + "\n")
+            out.write(line)
             out.flush()
         except (OSError, ValueError):  # stdout closed or gone: the request is not failed for it
             pass
 
+    def _iso(self, ts: float) -> str:
+        """ISO 8601 in UTC with milliseconds, as a usage record's `ts`."""
+        second = int(ts)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((ts - second) * 1000):03d}+00:00"
 
-def _text(record: dict[str, Any]) -> str:
+
+def _json(
+    when: str,
+    request_id: str,
+    method: str,
+    path: str,
+    status: int,
+    latency_ms: float,
+    e: Entry | None,
+    error: str | None,
+) -> str:
+    """The JSON line, FIELDS in order, assembled directly (a third of json.dumps' cost): what a
+    client or an operator chose (method, path, model, key name) is escaped; the rest is
+    Tollgate's own (ids of hex digits, upstream names of [A-Za-z0-9_-], error types, numbers)."""
+    head = (
+        f'{{"ts":"{when}","request_id":"{request_id}","method":{_esc(method)},'
+        f'"path":{_esc(path)},"status":{status},'
+    )
+    err = "null" if error is None else f'"{error}"'
+    if e is None:
+        return (
+            f'{head}"key_id":null,"key_name":null,"model":null,"upstream":null,"attempts":null,'
+            f'"stream":null,"prompt_tokens":null,"completion_tokens":null,"cost_usd":null,'
+            f'"latency_ms":{latency_ms},"ttft_ms":null,"error":{err}}}\n'
+        )
+    model = e.model if e.model is None or len(e.model) <= _LONGEST else e.model[:_LONGEST]
+    return (
+        f'{head}"key_id":{_quoted(e.key_id)},"key_name":{_str(e.key_name)},'
+        f'"model":{_str(model)},"upstream":{_quoted(e.upstream)},'
+        f'"attempts":{_num(e.attempts)},"stream":{_bool(e.stream)},'
+        f'"prompt_tokens":{_num(e.prompt_tokens)},'
+        f'"completion_tokens":{_num(e.completion_tokens)},"cost_usd":{_num(e.cost_usd)},'
+        f'"latency_ms":{latency_ms},"ttft_ms":{_num(e.ttft_ms)},"error":{err}}}\n'
+    )
+
+
+def _str(value: str | None) -> str:
+    return "null" if value is None else _esc(value)
+
+
+def _quoted(value: str | None) -> str:
+    return "null" if value is None else f'"{value}"'
+
+
+def _num(value: float | None) -> str:
+    return "null" if value is None else str(value)
+
+
+def _bool(value: bool | None) -> str:
+    return "null" if value is None else "true" if value else "false"
+
+
+def _text(
+    when: str,
+    request_id: str,
+    method: str,
+    path: str,
+    status: int,
+    latency_ms: float,
+    e: Entry | None,
+    error: str | None,
+) -> str:
     """`name=value` pairs (logfmt), fields without a value left out; a value with anything but
     plain characters is quoted and escaped as a JSON string, so a line stays one line."""
+    e = e or _NO_ENTRY
+    values = (
+        when, request_id, method, path, status, e.key_id, e.key_name, e.model, e.upstream,
+        e.attempts, e.stream, e.prompt_tokens, e.completion_tokens, e.cost_usd, latency_ms,
+        e.ttft_ms, error,
+    )  # fmt: skip
     parts = []
-    for name, value in record.items():
+    for name, value in zip(FIELDS, values, strict=True):
         if value is None:
             continue
         if isinstance(value, bool):
             shown = "true" if value else "false"
         elif isinstance(value, str):
-            shown = value if _BARE.match(value) else encode_basestring_ascii(value)
+            if len(value) > _LONGEST:
+                value = value[:_LONGEST]
+            shown = value if _BARE.fullmatch(value) else _esc(value)
         else:
             shown = str(value)
         parts.append(f"{name}={shown}")
-    return " ".join(parts)
+    return " ".join(parts) + "\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from typing import Any, NamedTuple
 
@@ -400,6 +401,7 @@ def _outcome(status: int) -> str:
 
 _DESCRIBED = {"timeout": "timed out", "connect": "connection failed"}
 CLIENT_GONE = "client_closed"  # the access log's error type for a client that left
+_ERROR_TYPE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # an upstream's, as the access log shows it
 
 
 def _upstream_error_type(payload: bytes) -> str:
@@ -410,7 +412,7 @@ def _upstream_error_type(payload: bytes) -> str:
     except (ValueError, AttributeError, RecursionError):
         error = None
     kind = error.get("type") if isinstance(error, dict) else None
-    if isinstance(kind, str) and 0 < len(kind) <= 64 and kind.isascii():
+    if isinstance(kind, str) and _ERROR_TYPE.fullmatch(kind):
         return kind
     return UpstreamFailed.error_type
 

@@ -108,6 +108,8 @@ def test_an_upstream_4xx_passed_back_names_the_upstreams_error_type(
             return httpx.Response(200, json={"object": "list", "data": []})
         if b"plain" in request.content:
             return httpx.Response(422, text="unprocessable")
+        if b"hostile" in request.content:  # a type that would break the line is not shown
+            return httpx.Response(400, json={"error": {"type": 'x","status":200}\n'}})
         return httpx.Response(400, json={"error": {"type": "context_length_exceeded"}})
 
     with harness_factory(settings, upstream=httpx.MockTransport(upstream)) as harness:
@@ -115,10 +117,34 @@ def test_an_upstream_4xx_passed_back_names_the_upstreams_error_type(
         capsys.readouterr()
         assert harness.chat(key).status_code == 400
         assert harness.chat(key, {**HELLO, "user": "plain"}).status_code == 422
+        assert harness.chat(key, {**HELLO, "user": "hostile"}).status_code == 400
         found = lines(capsys)
     assert [(x["status"], x["error"]) for x in found] == [
-        (400, "context_length_exceeded"), (422, "upstream_error"),
+        (400, "context_length_exceeded"), (422, "upstream_error"), (400, "upstream_error"),
     ]  # fmt: skip
+
+
+def test_what_clients_and_operators_choose_is_escaped_so_each_line_stays_one_json_object(
+    harness: Harness, capsys: CaptureFixture
+) -> None:
+    name = 'ops "team"\n{\u2028}'
+    key = harness.create_key(name=name)["key"]
+    model = 'gpt-4o-mini"\n,"status":500 \\ é\u2028'
+    capsys.readouterr()
+    answers = [
+        harness.client.post(
+            "/v1/chat/completions",
+            content=json.dumps({**HELLO, "model": model}),
+            headers=bearer(key),
+        ),
+        harness.client.get("/v1/x%22y%0A%E2%80%A8z", headers=bearer(key)),
+    ]
+    out = capsys.readouterr().out
+    assert out.isascii() and out.count("\n") == 2, out  # no line separator of any kind inside
+    found = [json.loads(line) for line in out.split("\n")[:2]]
+    assert [x["request_id"] for x in found] == [a.headers["x-request-id"] for a in answers]
+    assert (found[0]["key_name"], found[0]["model"], found[0]["status"]) == (name, model, 200)
+    assert (found[1]["path"], found[1]["status"]) == ('/v1/x"y\n\u2028z', 404)
 
 
 def test_a_rate_limited_request_names_its_key_and_model_but_no_upstream(
@@ -229,7 +255,7 @@ def test_text_format_is_one_logfmt_line_per_request_with_odd_values_quoted(
     with harness_factory(settings, access_log="text") as harness:
         key = harness.create_key(name='name with "quotes"')["key"]
         ok = harness.chat(key)
-        odd = harness.chat(key, {**HELLO, "model": "no\nsuch model"})
+        odd = harness.chat(key, {**HELLO, "model": "no-such-model\n"})
         refused = harness.chat("not-a-key")
         out = capsys.readouterr().out.splitlines()
     assert (ok.status_code, odd.status_code, refused.status_code) == (200, 200, 401)
@@ -249,7 +275,7 @@ def test_text_format_is_one_logfmt_line_per_request_with_odd_values_quoted(
         "stream=false prompt_tokens=" in success
     )
     assert "error=" not in success
-    assert ' model="no\\nsuch model" ' in odd_line
+    assert ' model="no-such-model\\n" ' in odd_line
     assert re.fullmatch(
         r"ts=\S+ request_id=[0-9a-f]{32} method=POST path=/v1/chat/completions status=401 "
         r"latency_ms=[0-9.]+ error=authentication_error",
