@@ -23,6 +23,7 @@ from proxy.keys import Keyring
 from proxy.store import Store
 
 COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")
+_SUMMED = COUNTERS[:-1]  # as they are; the cost is added up in micro-dollars
 
 
 def _is_date(raw: str | None) -> bool:
@@ -68,13 +69,13 @@ def window(args: argparse.Namespace) -> tuple[datetime, datetime]:
 
 def _public(counters: dict[str, int]) -> dict[str, Any]:
     return {
-        **{c: counters[c] for c in COUNTERS if c != "cost_usd"},
+        **{c: counters[c] for c in _SUMMED},
         "cost_usd": micros_to_usd(counters["cost_micros"]),
     }
 
 
 def _add(into: dict[str, int], counters: dict[str, Any]) -> None:
-    for counter in COUNTERS[:-1]:
+    for counter in _SUMMED:
         into[counter] += counters[counter]
     into["cost_micros"] += usd_to_micros(counters["cost_usd"])
 
@@ -92,7 +93,7 @@ async def usage_answer(
     (`key_id`) or all of them (`key_id` null); grouped by key, a group names the key."""
     if key_id is not None and group_by != "key":
         return await usage.key_usage(store, key_id, since=since, until=until, group_by=group_by)
-    empty = dict.fromkeys((*COUNTERS[:-1], "cost_micros"), 0)
+    empty = dict.fromkeys((*_SUMMED, "cost_micros"), 0)
     groups: dict[str, dict[str, int]] = {}
     totals = dict(empty)
     for record in records:

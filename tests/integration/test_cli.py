@@ -27,8 +27,9 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.admin_client import Admin
 from tests.integration.conftest import MESSAGES, Mock, Stack, new_request_id
-from tests.servers import free_port, wait_for
+from tests.servers import RedisServer, free_port, proxy_server, tollgate_env, wait_for
 
 MODEL = "gpt-4o-mini"
 
@@ -413,6 +414,29 @@ def test_mock_upstream_answers_a_chat_completion_until_sigterm() -> None:
         process.wait(timeout=10)
     assert process.returncode == 0
     assert f"TOLLGATE_UPSTREAM_URL={url} tollgate serve" in out
+
+
+def test_serve_pointed_at_mock_upstream_as_its_banner_says_answers_a_key(
+    redis_store: RedisServer, tmp_path: Path
+) -> None:
+    mock_env = {"TOLLGATE_LOG_LEVEL": "warning"}
+    mock_args = ["mock-upstream", "--port", "{port}"]
+    with proxy_server(env=mock_env, args=mock_args, ready_path="/v1/models") as mock:
+        upstream_url = mock.url + "/v1"
+        assert f"TOLLGATE_UPSTREAM_URL={upstream_url} tollgate serve" in mock.output()
+        env = tollgate_env(redis_url=redis_store.url, upstream_url=upstream_url,
+                           spool_dir=tmp_path)  # fmt: skip
+        with proxy_server(env=env) as proxy, Admin(proxy.url) as admin:
+            key = admin.create_key(name="via-mock-upstream")
+            response = httpx.post(
+                proxy.url + "/v1/chat/completions",
+                json={"model": MODEL, "messages": MESSAGES},
+                headers={"authorization": f"Bearer {key['key']}"},
+                timeout=20,
+            )
+
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"].startswith("Hello from the")
 
 
 def test_mock_upstream_on_a_busy_port_is_one_line_and_status_1() -> None:
