@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 USAGE_ERROR = 2  # argparse's own status: the command line or a setting is wrong
-STARTUP_FAILURE = USAGE_ERROR
 FAILED = 1  # a well-formed command that could not be carried out
 
 
