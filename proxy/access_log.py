@@ -46,6 +46,11 @@ class Entry(NamedTuple):
 _NO_ENTRY = Entry(key_id=None, key_name=None, model=None, stream=None)
 
 
+def open_access_log(fmt: str) -> AccessLog | None:
+    """The access log of TOLLGATE_ACCESS_LOG's format; None for `off`."""
+    return None if fmt == "off" else AccessLog(fmt)
+
+
 def error_type(status: int) -> str:
     """The error type of a failure nobody named (an answer not rendered from a ProxyError)."""
     return "invalid_request_error" if status < 500 else "server_error"
@@ -67,12 +72,13 @@ class AccessLog:
         *,
         ts: float,
         request_id: str,
-        method: str,
-        path: str,
+        method: str | None,
+        path: str | None,
         status: int,
         latency_ms: float,
         state: dict[str, Any],
     ) -> None:
+        """`method` and `path` are None only for a request line that could not be parsed."""
         entry: Entry | None = state.get("access")
         error: str | None = None
         if entry is not None and entry.status is not None:
@@ -80,7 +86,7 @@ class AccessLog:
             error = entry.error
         if status >= 400 and error is None:
             error = state.get("error") or error_type(status)
-        if len(path) > _LONGEST:
+        if path is not None and len(path) > _LONGEST:
             path = path[:_LONGEST]
         when = self._iso(ts)
         if self.text:
@@ -106,8 +112,8 @@ class AccessLog:
 def _json(
     when: str,
     request_id: str,
-    method: str,
-    path: str,
+    method: str | None,
+    path: str | None,
     status: int,
     latency_ms: float,
     e: Entry | None,
@@ -117,8 +123,8 @@ def _json(
     client or an operator chose (method, path, model, key name) is escaped; the rest is
     Tollgate's own (ids of hex digits, upstream names of [A-Za-z0-9_-], error types, numbers)."""
     head = (
-        f'{{"ts":"{when}","request_id":"{request_id}","method":{_esc(method)},'
-        f'"path":{_esc(path)},"status":{status},'
+        f'{{"ts":"{when}","request_id":"{request_id}","method":{_str(method)},'
+        f'"path":{_str(path)},"status":{status},'
     )
     err = "null" if error is None else f'"{error}"'
     if e is None:
@@ -157,8 +163,8 @@ def _bool(value: bool | None) -> str:
 def _text(
     when: str,
     request_id: str,
-    method: str,
-    path: str,
+    method: str | None,
+    path: str | None,
     status: int,
     latency_ms: float,
     e: Entry | None,

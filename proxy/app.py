@@ -19,7 +19,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy import admin, endpoints
-from proxy.access_log import AccessLog
+from proxy.access_log import AccessLog, open_access_log
 from proxy.admission import Admission
 from proxy.config import Settings
 from proxy.errors import (
@@ -314,6 +314,6 @@ def create_app(
     )
     # A slash redirect would build its location from the client's Host header.
     app.router.redirect_slashes = False
-    access_log = AccessLog(settings.access_log) if settings.access_log != "off" else None
+    access_log = open_access_log(settings.access_log)
     app.add_middleware(RequestIdMiddleware, requests=requests, access_log=access_log)
     return app

@@ -5,6 +5,7 @@ whole log; the startup line and the unknown-variable warning; the same with two 
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,34 @@ def test_every_request_is_one_line_with_its_id_and_no_secret_is_ever_logged(
     assert "tollgate starting (pid " in log
     for secret in (*secrets, *map(hash_key, secrets), ADMIN_TOKEN, UPSTREAM_KEY):
         assert secret not in log
+
+
+def test_heads_refused_before_the_app_are_lines_too(proxy: ProxyServer) -> None:
+    """A head over the limits (431) and bytes that are no HTTP request (400) are answered by
+    the connection, not the app: they are logged all the same."""
+    with httpx.Client(base_url=proxy.url, timeout=10) as client:
+        too_many = client.get("/v1/models", headers={f"x-h{i}": "v" for i in range(150)})
+    assert too_many.status_code == 431
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"\x16\x03\x01 not http\r\n\r\n")
+        answer = b""
+        for _ in range(100):  # until the server closes
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            answer += piece
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    refused, garbage = lines_for(proxy, 2)
+    assert (refused["request_id"], refused["method"], refused["path"]) == (
+        too_many.headers["x-request-id"], "GET", "/v1/models",
+    )  # fmt: skip
+    assert (refused["status"], refused["error"], refused["key_id"]) == (
+        431, "invalid_request_error", None,
+    )  # fmt: skip
+    assert (garbage["status"], garbage["error"], garbage["method"], garbage["path"]) == (
+        400, "invalid_request_error", None, None,
+    )  # fmt: skip
+    assert len(garbage["request_id"]) == 32
 
 
 def test_the_startup_line_and_the_unknown_variable_warning(
