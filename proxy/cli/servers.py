@@ -99,8 +99,10 @@ def serve(settings: Settings) -> int:
             print(f"tollgate: {problem}", file=sys.stderr)
             return USAGE_ERROR
     _raise_open_files_limit(settings.max_connections)
+    created_metrics_dir = None  # made here, so removed here when serve returns
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tollgate-metrics-")
+        created_metrics_dir = tempfile.mkdtemp(prefix="tollgate-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = created_metrics_dir
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if metrics_dir:  # stale files of a previous run would be counted again
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -112,19 +114,23 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, _exit_cleanly)
     from proxy.http_server import http_protocol
 
-    uvicorn.run(
-        "proxy.cli.servers:build_app",
-        factory=True,
-        http=http_protocol(settings),
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-        proxy_headers=False,
-        server_header=False,
-    )
+    try:
+        uvicorn.run(
+            "proxy.cli.servers:build_app",
+            factory=True,
+            http=http_protocol(settings),
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+            proxy_headers=False,
+            server_header=False,
+        )
+    finally:
+        if created_metrics_dir is not None:
+            shutil.rmtree(created_metrics_dir, ignore_errors=True)
     return 0
 
 

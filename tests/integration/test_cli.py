@@ -747,3 +747,23 @@ def test_keys_list_table_has_budget_and_expiry_columns(stack: Stack) -> None:
     assert row[2:] == [
         "unlimited", "unlimited", "unlimited", "unlimited", "7/week", "2031-01-01T00:00:00Z", "no",
     ]  # fmt: skip
+
+
+def test_serve_with_workers_removes_the_metrics_directory_it_made_on_exit(
+    redis_store: RedisServer, mock: Mock, tmp_path: Path
+) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = tollgate_env(
+        redis_url=redis_store.url, upstream_url=mock.url, TMPDIR=str(scratch),
+        PROMETHEUS_MULTIPROC_DIR="",  # unset: serve makes its own under TMPDIR
+    )  # fmt: skip
+    args = ["serve", "--host", "127.0.0.1", "--port", "{port}", "--workers", "2"]
+    with proxy_server(env=env, args=args) as proxy:
+        made = list(scratch.glob("tollgate-metrics-*"))
+        assert len(made) == 1 and made[0].is_dir()
+        assert httpx.get(proxy.url + "/metrics", timeout=5).status_code == 200
+        assert proxy.process is not None
+        proxy.signal(signal.SIGTERM)
+        assert proxy.process.wait(timeout=30) == 0
+    assert list(scratch.glob("tollgate-metrics-*")) == []
