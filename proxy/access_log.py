@@ -43,6 +43,7 @@ class Entry(NamedTuple):
     error: str | None = None
 
 
+CLIENT_GONE = "client_closed"  # the error type of a client that left before its answer ended
 _NO_ENTRY = Entry(key_id=None, key_name=None, model=None, stream=None)
 
 
@@ -85,7 +86,7 @@ class AccessLog:
             status = entry.status
             error = entry.error
         if status >= 400 and error is None:
-            error = state.get("error") or error_type(status)
+            error = CLIENT_GONE if status == 499 else state.get("error") or error_type(status)
         if path is not None and len(path) > _LONGEST:
             path = path[:_LONGEST]
         when = self._iso(ts)

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import httpx
 from starlette.types import Receive, Scope, Send
 
-from proxy.access_log import Entry
+from proxy.access_log import CLIENT_GONE, Entry
 from proxy.admission import Arrival
 from proxy.config import Settings
 from proxy.credits import micros_to_usd
@@ -400,7 +400,6 @@ def _outcome(status: int) -> str:
 
 
 _DESCRIBED = {"timeout": "timed out", "connect": "connection failed"}
-CLIENT_GONE = "client_closed"  # the access log's error type for a client that left
 _ERROR_TYPE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # an upstream's, as the access log shows it
 
 

@@ -198,6 +198,38 @@ def test_an_invalid_body_is_a_400_line(
     assert (line["status"], line["error"], line["key_id"]) == (400, "invalid_request_error", None)
 
 
+def test_a_client_that_leaves_while_sending_its_body_is_a_499_line(
+    harness: Harness, fresh: dict[str, Any], capsys: CaptureFixture
+) -> None:
+    parts: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b'{"model": "gpt-4o-mini", ', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return parts.pop(0) if parts else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8080),
+        "headers": [(b"authorization", f"Bearer {fresh['key']}".encode()),
+                    (b"content-type", b"application/json")],
+    }  # fmt: skip
+    harness.run(harness.client.app, scope, receive, send)
+    assert sent[0]["status"] == 499
+    line = one_line(capsys)
+    assert (line["status"], line["error"], line["path"]) == (
+        499, "client_closed", "/v1/chat/completions",
+    )  # fmt: skip
+    assert dict(sent[0]["headers"])[b"x-request-id"].decode() == line["request_id"]
+
+
 def test_unknown_paths_admin_routes_and_models_are_lines_without_key_fields(
     harness: Harness, fresh: dict[str, Any], capsys: CaptureFixture
 ) -> None:

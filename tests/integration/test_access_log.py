@@ -133,6 +133,27 @@ def test_every_request_is_one_line_with_its_id_and_no_secret_is_ever_logged(
         assert secret not in log
 
 
+def test_a_stream_the_client_abandons_is_a_499_line_with_its_usage_records_figures(
+    proxy: ProxyServer, mock: Mock
+) -> None:
+    with httpx.Client(base_url=proxy.url, timeout=10) as client:
+        created = client.post(
+            "/admin/keys",
+            json={"name": "leaver"},
+            headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+        ).json()
+        body = {"model": "mock-gated", "messages": MESSAGES, "stream": True}
+        headers = {"authorization": f"Bearer {created['key']}"}
+        with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as answer:
+            request_id = answer.headers["x-request-id"]
+            next(answer.iter_lines())  # the first event; the gate holds the rest back
+    _, line = lines_for(proxy, 2)
+    assert (line["request_id"], line["status"], line["error"]) == (request_id, 499, "client_closed")
+    assert (line["key_id"], line["stream"], line["upstream"]) == (created["id"], True, "default")
+    assert line["prompt_tokens"] >= 1 and line["ttft_ms"] is not None
+    wait_for(lambda: mock.open_streams() == 0, timeout_s=10, what="the upstream stream closed")
+
+
 def test_heads_refused_before_the_app_are_lines_too(proxy: ProxyServer) -> None:
     """A head over the limits (431) and bytes that are no HTTP request (400) are answered by
     the connection, not the app: they are logged all the same."""
