@@ -1,21 +1,25 @@
-"""The admin API (/admin/*): keys, credits and usage for operators, behind its own token.
+"""The admin API (/admin/*): keys, credits and usage for operators, behind its own token,
+and the console at /admin/ that calls it (static files in `proxy/console/`).
 
-With no TOLLGATE_ADMIN_TOKEN every /admin path answers 404; the token is compared in
-constant time. Key fields are checked by `proxy/key_fields.py`, as for the CLI.
+With no TOLLGATE_ADMIN_TOKEN every /admin path answers 404, the console too; the token is
+compared in constant time. Key fields are checked by `proxy/key_fields.py`, as for the CLI.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
+from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from proxy.endpoints import read_body
-from proxy.errors import AuthenticationFailed, InvalidRequest, NotFound
+from proxy.errors import AuthenticationFailed, InvalidRequest, MethodNotAllowed, NotFound
 from proxy.gateway import Gateway
 from proxy.key_fields import grace_seconds, parse_key_fields, usd_amount
 from proxy.usage import BadTime, default_window, export, key_usage, parse_time
@@ -137,6 +141,60 @@ async def export_usage(request: Request) -> Response:
     return StreamingResponse(lines, media_type="application/x-ndjson")
 
 
+# The console is static: its own script and style only, never framed, never a referrer.
+CONSOLE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+# Path -> (file in proxy/console/, media type).
+CONSOLE_PATHS = {
+    "/admin/": ("index.html", "text/html; charset=utf-8"),
+    "/admin/console.js": ("console.js", "text/javascript; charset=utf-8"),
+    "/admin/console.css": ("console.css", "text/css; charset=utf-8"),
+}
+
+
+_EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+@functools.cache
+def _console_file(name: str) -> bytes:
+    return resources.files("proxy").joinpath("console", name).read_bytes()
+
+
+def _console_enabled(request: Request) -> None:
+    """The console exists only where the admin API does, and is only read."""
+    gateway: Gateway = request.app.state.gateway
+    if not gateway.settings.admin_token:
+        raise NotFound("Not found")
+    if request.method not in ("GET", "HEAD"):
+        raise MethodNotAllowed(f"Method {request.method} not allowed here")
+
+
+def _console_page(name: str, media_type: str) -> Callable[[Request], Awaitable[Response]]:
+    """The handler of one console file: the page and its two assets load without the token,
+    which the page asks for and sends to the admin API itself."""
+
+    async def page(request: Request) -> Response:
+        _console_enabled(request)
+        headers = {
+            "content-security-policy": CONSOLE_CSP,
+            "x-frame-options": "DENY",
+            "referrer-policy": "no-referrer",
+            "x-content-type-options": "nosniff",
+            "cache-control": "no-cache",
+        }
+        return Response(_console_file(name), media_type=media_type, headers=headers)
+
+    return page
+
+
+async def console_redirect(request: Request) -> Response:
+    _console_enabled(request)
+    return RedirectResponse("/admin/", status_code=308)  # a path: never built from Host
+
+
 routes = [
     Route("/admin/keys", create_key, methods=["POST"]),
     Route("/admin/keys", list_keys, methods=["GET"]),
@@ -148,4 +206,10 @@ routes = [
     Route("/admin/keys/{id}/credits", add_credits, methods=["POST"]),
     Route("/admin/keys/{id}/usage", usage_of_key, methods=["GET"]),
     Route("/admin/usage/export", export_usage, methods=["GET"]),
+    # Every method reaches these, so that without a token they answer 404 like the API.
+    Route("/admin", console_redirect, methods=_EVERY_METHOD),
+    *(
+        Route(path, _console_page(*file), methods=_EVERY_METHOD)
+        for path, file in CONSOLE_PATHS.items()
+    ),
 ]

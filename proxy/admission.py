@@ -111,6 +111,7 @@ class Admission:
             decision = Decision(verdict="ok", key_name=name)
         else:
             if not decision.admitted:
+                arrival.key_name = decision.key_name  # named in the access log (none: unknown)
                 refusal = self._refusal(decision, model)
                 self.metrics.answered(arrival.route, model, refusal.status_code, decision.key_name)
                 raise refusal

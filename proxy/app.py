@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -18,6 +19,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy import admin, endpoints
+from proxy.access_log import AccessLog, open_access_log
 from proxy.admission import Admission
 from proxy.config import Settings
 from proxy.errors import (
@@ -32,12 +34,14 @@ from proxy.gateway import Gateway
 from proxy.health import Health
 from proxy.keys import Keyring
 from proxy.ledger import Ledger
+from proxy.lifecycle import CLIENT_CLOSED
 from proxy.limits import LEASE_MARGIN_MS, Limiter
 from proxy.metrics import Metrics
 from proxy.models import ModelCatalog
 from proxy.paths import PassthroughPaths, refused_path
 from proxy.routing import Registry
 from proxy.spool import Spool
+from proxy.startup import announce
 from proxy.store import Store, StoreDown, open_store
 from proxy.sweeper import Sweeper
 from proxy.upstream import Upstream
@@ -87,9 +91,16 @@ class RequestIdMiddleware:
     internals, with the same header.
     """
 
-    def __init__(self, app: ASGIApp, *, requests: set[asyncio.Task[object]]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        requests: set[asyncio.Task[object]],
+        access_log: AccessLog | None = None,
+    ) -> None:
         self.app = app
         self.requests = requests
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
@@ -103,34 +114,47 @@ class RequestIdMiddleware:
             self.requests.discard(task)
 
     async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ts, began = time.time(), time.perf_counter()
         request_id = os.urandom(16).hex().encode()  # as random as uuid4, a quarter the CPU
         extra = [(b"x-request-id", request_id)]
         client_id = _client_request_id(scope["headers"])
         if client_id is not None:
             extra.append((b"x-client-request-id", client_id))
         state = scope.setdefault("state", {})
-        state["request_id"] = request_id.decode()
+        state["request_id"] = rid = request_id.decode()
         state["client_request_id"] = client_id.decode() if client_id is not None else None
-        started = False
+        status = 0  # the answer's, once its head is sent
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started
+            nonlocal status
             if message["type"] == "http.response.start":
-                started = True
+                status = message["status"]
                 message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
-        refusal = refused_path(scope.get("raw_path") or scope["path"].encode())
-        if refusal is not None:
-            await _render(InvalidRequest(refusal))(scope, receive, send_with_id)
-            return
         try:
-            await self.app(scope, receive, send_with_id)
-        except Exception:
-            log.exception("unhandled error in request %s", request_id.decode())
-            if started:
-                raise
-            await _render(InternalError())(scope, receive, send_with_id)
+            refusal = refused_path(scope.get("raw_path") or scope["path"].encode())
+            if refusal is not None:
+                await _render(InvalidRequest(refusal), scope)(scope, receive, send_with_id)
+                return
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception:
+                log.exception("unhandled error in request %s", rid)
+                if status:
+                    raise
+                await _render(InternalError(), scope)(scope, receive, send_with_id)
+        finally:
+            if self.access_log is not None:
+                self.access_log.write(
+                    ts=ts,
+                    request_id=rid,
+                    method=scope["method"],
+                    path=scope["path"],
+                    status=status or CLIENT_CLOSED,  # no answer: the client or server ended it
+                    latency_ms=round((time.perf_counter() - began) * 1000, 1),
+                    state=state,
+                )
 
 
 def _client_request_id(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -144,7 +168,9 @@ def _client_request_id(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     return found
 
 
-def _render(error: ProxyError) -> Response:
+def _render(error: ProxyError, scope: Scope) -> Response:
+    """The error's JSON answer; its type is noted for the access log."""
+    scope["state"]["error"] = error.error_type
     return Response(
         error.json_bytes(),
         status_code=error.status_code,
@@ -155,7 +181,7 @@ def _render(error: ProxyError) -> Response:
 
 async def proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
-    return _render(exc)
+    return _render(exc, request.scope)
 
 
 async def store_down(request: Request, exc: Exception) -> Response:
@@ -164,14 +190,14 @@ async def store_down(request: Request, exc: Exception) -> Response:
     if gateway is not None:
         gateway.metrics.store_errors.inc()
     log.warning("store unreachable answering %s %s: %s", request.method, request.url.path, exc)
-    return _render(StoreUnavailable("The store is unreachable; try again shortly"))
+    return _render(StoreUnavailable("The store is unreachable; try again shortly"), request.scope)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return _render(MethodNotAllowed(f"Method {request.method} not allowed here"))
-    return _render(NotFound(f"Unknown path {request.url.path}"))
+        return _render(MethodNotAllowed(f"Method {request.method} not allowed here"), request.scope)
+    return _render(NotFound(f"Unknown path {request.url.path}"), request.scope)
 
 
 def build_gateway(
@@ -234,6 +260,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         gateway = build_gateway(settings, store=store, transport=transport)
         app.state.gateway = gateway
+        announce(settings)
         await gateway.models.start()
         loops = [
             asyncio.create_task(gateway.ledger.replay_forever()),
@@ -287,5 +314,6 @@ def create_app(
     )
     # A slash redirect would build its location from the client's Host header.
     app.router.redirect_slashes = False
-    app.add_middleware(RequestIdMiddleware, requests=requests)
+    access_log = open_access_log(settings.access_log)
+    app.add_middleware(RequestIdMiddleware, requests=requests, access_log=access_log)
     return app

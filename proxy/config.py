@@ -46,7 +46,11 @@ ENV_VARIABLES: dict[str, str] = {
     "TOLLGATE_HOST": "listen address for serve (flag --host)",
     "TOLLGATE_PORT": "listen port for serve (flag --port)",
     "TOLLGATE_WORKERS": "worker processes for serve (flag --workers)",
+    "TOLLGATE_ACCESS_LOG": "json, text or off: the one line per request on stdout",
 }
+# TOLLGATE_* names that are no setting of the proxy but are not mistakes either.
+_OTHER_VARIABLES = frozenset({"TOLLGATE_MOCK_TAG"})  # the mock upstream's (tollgate mock-upstream)
+ACCESS_LOG_FORMATS = ("json", "text", "off")
 
 
 class ConfigError(ValueError):
@@ -89,6 +93,9 @@ class Settings:
     upstream_max_attempts: int = 3
     upstream_failure_threshold: int = 3  # failures in a row that take an upstream out...
     upstream_cooldown_s: float = 30.0  # ...for this long, then one request probes it
+    access_log: str = "json"  # json | text | off
+    # TOLLGATE_* variables set but unknown (misspelt?), warned about at startup.
+    unknown_variables: tuple[str, ...] = ()
 
     def upstream_configs(self) -> tuple[UpstreamConfig, ...]:
         """The registry, or the one `openai` upstream `default` of TOLLGATE_UPSTREAM_URL (which
@@ -170,6 +177,27 @@ def _forward_headers(raw: str) -> tuple[str, ...]:
     return names
 
 
+def unknown_variables(environ: Mapping[str, str], *, also_known: set[str]) -> tuple[str, ...]:
+    """The TOLLGATE_* names in `environ` that nothing reads (`also_known`: names the upstream
+    registry reads its keys from)."""
+    return tuple(
+        sorted(
+            name
+            for name in environ
+            if name.startswith("TOLLGATE_")
+            and name not in ENV_VARIABLES
+            and name not in _OTHER_VARIABLES
+            and name not in also_known
+        )
+    )
+
+
+def _key_variables(text: str) -> set[str]:
+    """The `api_key_env` names of a registry file that load_upstreams has accepted."""
+    tables = tomllib.loads(text)["upstreams"]
+    return {str(t["api_key_env"]) for t in tables.values() if "api_key_env" in t}
+
+
 def load_settings(
     environ: Mapping[str, str], overrides: Mapping[str, object] | None = None
 ) -> Settings:
@@ -227,6 +255,11 @@ def load_settings(
         if mode not in ("open", "closed"):
             raise ConfigError(f"TOLLGATE_FAIL_MODE must be open or closed, got {mode!r}")
         values["fail_open"] = mode == "open"
+    if "TOLLGATE_ACCESS_LOG" in env:
+        access_log = env["TOLLGATE_ACCESS_LOG"].strip().lower()
+        if access_log not in ACCESS_LOG_FORMATS:
+            raise ConfigError(f"TOLLGATE_ACCESS_LOG must be json, text or off, got {access_log!r}")
+        values["access_log"] = access_log
     if "TOLLGATE_LOG_LEVEL" in env:
         level = env["TOLLGATE_LOG_LEVEL"].strip().lower()
         if level not in ("debug", "info", "warning", "error"):
@@ -243,12 +276,15 @@ def load_settings(
         if not ca_file.is_file():
             raise ConfigError(f"TOLLGATE_UPSTREAM_CA_FILE: no such file {str(ca_file)!r}")
         values["upstream_ca_file"] = ca_file
+    key_variables: set[str] = set()
     if "TOLLGATE_UPSTREAMS" in env:
         path = Path(env["TOLLGATE_UPSTREAMS"])
         try:
-            values["upstreams"] = load_upstreams(path.read_text(encoding="utf-8"), environ)
+            text = path.read_text(encoding="utf-8")
+            values["upstreams"] = load_upstreams(text, environ)
         except (OSError, UnicodeDecodeError, RegistryError) as exc:
             raise ConfigError(f"TOLLGATE_UPSTREAMS: {path}: {exc}") from None
+        key_variables = _key_variables(text)
     if "TOLLGATE_HOST" in env:
         values["host"] = env["TOLLGATE_HOST"]
     if "TOLLGATE_PRICES" in env:
@@ -257,6 +293,7 @@ def load_settings(
             values["prices"] = load_prices(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, ValueError) as exc:
             raise ConfigError(f"TOLLGATE_PRICES: cannot read price table {path}: {exc}") from None
+    values["unknown_variables"] = unknown_variables(environ, also_known=key_variables)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     settings = Settings(**values)  # type: ignore[arg-type]
     if settings.workers > 1 and not settings.redis_url:

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
 from proxy import paths, provider
+from proxy.access_log import Entry
 from proxy.admission import EXPIRED, Arrival
 from proxy.errors import (
     AuthenticationFailed,
@@ -133,6 +134,7 @@ async def _anthropic(request: Request, surface: Surface, upstream_path: str) -> 
     try:
         return await _metered(request, surface, upstream_path, identify=authenticate_anthropic)
     except ProxyError as exc:
+        request.scope["state"]["error"] = exc.error_type  # for the access log
         return Response(
             surface.error_body(exc),
             status_code=exc.status_code,
@@ -214,15 +216,25 @@ async def _metered(
         cost_micros = prices.worst_cost_micros(
             parsed.model, names, parsed.prompt_estimate, parsed.completion_max
         )
-    decision = await gateway.admission.admit(
-        presented,
-        arrival,
-        model=parsed.model,
-        stream=parsed.stream,
-        prompt_estimate=parsed.prompt_estimate,
-        token_estimate=parsed.prompt_estimate + parsed.completion_max,
-        cost_micros=cost_micros,
-    )
+    try:
+        decision = await gateway.admission.admit(
+            presented,
+            arrival,
+            model=parsed.model,
+            stream=parsed.stream,
+            prompt_estimate=parsed.prompt_estimate,
+            token_estimate=parsed.prompt_estimate + parsed.completion_max,
+            cost_micros=cost_micros,
+        )
+    except ProxyError:
+        if arrival.key_name:  # refused for a key the store knows: the access log names it
+            scope["state"]["access"] = Entry(
+                key_id=arrival.key_id,
+                key_name=arrival.key_name,
+                model=parsed.model,
+                stream=parsed.stream,
+            )
+        raise
     return Lifecycle(
         arrival=arrival,
         parsed=parsed,
@@ -237,6 +249,7 @@ async def _metered(
         settings=settings,
         ledger=gateway.ledger,
         metrics=gateway.metrics,
+        state=scope["state"],
     )
 
 

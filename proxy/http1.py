@@ -644,7 +644,7 @@ def _trust_store_from_environment() -> tuple[str | None, str | None]:
     """SSL_CERT_FILE and SSL_CERT_DIR, read as httpx's default transport reads them (httpx
     0.28 `create_ssl_context`: set and non-empty; the file wins over the directory).
 
-    The one read of the environment outside `cli.py`: these are OpenSSL's variables, not
+    The one read of the environment outside `proxy/cli/`: these are OpenSSL's variables, not
     Tollgate settings, and an operator who sets them expects any httpx client to follow them.
     """
     return os.environ.get("SSL_CERT_FILE") or None, os.environ.get("SSL_CERT_DIR") or None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
+import urllib.parse
 from functools import partial
 from typing import Any, NamedTuple, cast
 
@@ -16,6 +18,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from proxy.access_log import AccessLog, open_access_log
 from proxy.config import Settings
 from proxy.errors import InvalidRequest
 
@@ -49,7 +52,11 @@ def http_protocol(settings: Settings) -> type[asyncio.Protocol]:
     # uvicorn calls its `http` setting as it would a class, with config, server_state and
     # app_state as keywords; a partial of a module-level class also pickles into the
     # worker processes that --workers spawns.
-    return cast("type[asyncio.Protocol]", partial(ClientConnection, limits=limits))
+    access_log = open_access_log(settings.access_log)
+    return cast(
+        "type[asyncio.Protocol]",
+        partial(ClientConnection, limits=limits, access_log=access_log),
+    )
 
 
 class ClientConnection(HttpToolsProtocol):
@@ -63,9 +70,13 @@ class ClientConnection(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
         *,
         limits: HeadLimits,
+        access_log: AccessLog | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.limits = limits
+        # The access log of heads answered here, which the app never sees (uvicorn's own
+        # `access_log` is a flag, off).
+        self.refusal_log = access_log
         self.awaiting_head = True  # between two requests, or reading a request head
         self.head_bytes = 0
         self.header_count = 0
@@ -172,6 +183,7 @@ class ClientConnection(HttpToolsProtocol):
             self.transport.close()
             return
         error = HeaderFieldsTooLarge(message)
+        request_id = os.urandom(16).hex()
         body = error.json_bytes()
         content = [STATUS_LINE[error.status_code]]
         for name, value in self.server_state.default_headers:
@@ -179,11 +191,12 @@ class ClientConnection(HttpToolsProtocol):
         content += [
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
-            b"x-request-id: %s\r\n" % os.urandom(16).hex().encode(),  # as every answer has
+            b"x-request-id: %s\r\n" % request_id.encode(),  # as every answer has
             b"connection: close\r\n\r\n",
             body,
         ]
         self.transport.write(b"".join(content))
+        self._log(request_id, error.status_code, error.error_type)
         if not self.transport.can_write_eof():
             self.transport.close()
             return
@@ -193,6 +206,35 @@ class ClientConnection(HttpToolsProtocol):
         self.transport.write_eof()
         self.discard_left = self.limits.max_bytes
         self.head_timer = self.loop.call_later(LINGER_S, self.transport.close)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are no HTTP request; logged (with an id of its own)."""
+        super().send_400_response(msg)
+        self._log(os.urandom(16).hex(), 400, InvalidRequest.error_type, parsed=False)
+
+    def _log(self, request_id: str, status: int, error: str, *, parsed: bool = True) -> None:
+        """The access line of a head answered here, with its method and path once its request
+        line was read (`parsed`: the parser did not fail)."""
+        if self.refusal_log is None:
+            return
+        method: str | None = None
+        path: str | None = None
+        if parsed:
+            try:
+                raw_path = httptools.parse_url(self.url).path  # no url: no request line yet
+                method = self.parser.get_method().decode("ascii")
+                path = urllib.parse.unquote(raw_path.decode("ascii")) if raw_path else None
+            except (AttributeError, httptools.HttpParserError, UnicodeDecodeError):
+                pass  # a request line cut at the limit
+        self.refusal_log.write(
+            ts=time.time(),
+            request_id=request_id,
+            method=method,
+            path=path,
+            status=status,
+            latency_ms=0.0,
+            state={"error": error},
+        )
 
     def _discard(self, size: int) -> None:
         self.discard_left -= size

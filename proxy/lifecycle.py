@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
 import time
 from typing import Any, NamedTuple
 
 import httpx
 from starlette.types import Receive, Scope, Send
 
+from proxy.access_log import CLIENT_GONE, Entry
 from proxy.admission import Arrival
 from proxy.config import Settings
 from proxy.credits import micros_to_usd
-from proxy.errors import ProxyError, StoreUnavailable, UpstreamFailed, UpstreamTimeout
+from proxy.errors import (
+    InternalError,
+    ProxyError,
+    StoreUnavailable,
+    UpstreamFailed,
+    UpstreamTimeout,
+)
 from proxy.health import Health
 from proxy.ledger import Ledger
 from proxy.limits import Decision, rate_limit_headers
@@ -73,6 +82,7 @@ class Lifecycle:
         settings: Settings,
         ledger: Ledger,
         metrics: Metrics,
+        state: dict[str, Any],
     ) -> None:
         self.arrival = arrival
         self.parsed = parsed
@@ -91,6 +101,7 @@ class Lifecycle:
         self.settings = settings
         self.ledger = ledger
         self.metrics = metrics
+        self.state = state  # the request's scope state: its access-log entry goes there
         # What the exchange learns, for the settlement.
         self.response: httpx.Response | None = None
         self.meter: StreamMeter | None = None
@@ -98,6 +109,7 @@ class Lifecycle:
         self.ttft_s: float | None = None
         self.started = False  # response head sent to the client
         self.status = 500
+        self.error: str | None = None  # the error type of a failed request, for the access log
         self.billable = True  # False: the upstream did not take it, or answered an error
         self.reached = True  # False: never connected, so released rather than settled
 
@@ -111,14 +123,15 @@ class Lifecycle:
                 answer = await exchange
             except asyncio.CancelledError:
                 if not _being_cancelled():  # only the listener cancels the exchange alone
-                    self.status = CLIENT_CLOSED
+                    self.status, self.error = CLIENT_CLOSED, CLIENT_GONE
                 else:
                     # The server cancels what is left when its shutdown deadline passes.
                     await _stop(exchange)
                     await self._cut_short(send)
                     raise
             except Exception:
-                self.status = 500  # the middleware answers it without internals
+                # The middleware answers it without internals.
+                self.status, self.error = 500, InternalError.error_type
                 raise
         finally:
             listener.cancel()
@@ -142,14 +155,14 @@ class Lifecycle:
         except ProxyError as exc:
             if isinstance(exc, UpstreamFailed | UpstreamTimeout) and len(self.failed_attempts) > 1:
                 exc = _all_failed(exc, self.failed_attempts)
-            self.status = exc.status_code
+            self.status, self.error = exc.status_code, exc.error_type
             if isinstance(exc, UpstreamFailed) and self.response is None:
                 self.billable = False  # no answer came back
                 # Not even connected: nothing reached an upstream, so no record and no charge.
                 self.reached = self.reached_any or not isinstance(exc.__cause__, _NEVER_SENT)
             return await self._fail(send, exc)
         except OSError:  # the server reports a client that is gone
-            self.status = CLIENT_CLOSED
+            self.status, self.error = CLIENT_CLOSED, CLIENT_GONE
             return None
 
     async def _forward(self, send: Send) -> Answer | None:
@@ -175,6 +188,7 @@ class Lifecycle:
                 raise
         else:
             self.billable = False  # an upstream 4xx is passed back as it is, uncharged
+            self.error = _upstream_error_type(payload)
         self.status = status
         headers = response_headers(response)
         headers += rate_limit_headers(self.decision)
@@ -292,7 +306,7 @@ class Lifecycle:
     async def _cut_short(self, send: Send) -> None:
         """At the server's shutdown deadline: a stream ends with an error event."""
         ending = StoreUnavailable("Tollgate is shutting down; the stream was cut short")
-        self.status = ending.status_code
+        self.status, self.error = ending.status_code, ending.error_type
         if self.started:
             with contextlib.suppress(Exception):
                 event = self.surface.error_event(ending)
@@ -316,6 +330,7 @@ class Lifecycle:
                     await self.response.aclose()
             arrival, parsed = self.arrival, self.parsed
             if not self.reached:
+                self.state["access"] = self._entry(Usage(0, 0, "upstream"), 0.0)
                 await self.ledger.release(arrival.key_id, arrival.request_id)
                 self.metrics.answered(arrival.route, parsed.model, self.status, arrival.key_name)
                 return
@@ -323,6 +338,8 @@ class Lifecycle:
             upstream = self.upstream.name
             prices = self.settings.prices
             cost_micros = prices.usage_cost_micros(parsed.model, usage, upstream=upstream)
+            cost_usd = micros_to_usd(cost_micros)
+            self.state["access"] = self._entry(usage, cost_usd)
             elapsed = time.perf_counter() - arrival.started
             await self.ledger.settle(
                 settlement(
@@ -354,10 +371,28 @@ class Lifecycle:
                 ttft_s=self.ttft_s,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
-                cost_usd=micros_to_usd(cost_micros),
+                cost_usd=cost_usd,
             )
         finally:
             self.metrics.inflight.dec()
+
+    def _entry(self, usage: Usage, cost_usd: float) -> Entry:
+        """The request's access-log fields, the same figures as its usage record."""
+        arrival, parsed = self.arrival, self.parsed
+        return Entry(
+            key_id=arrival.key_id,
+            key_name=arrival.key_name,
+            model=parsed.model,
+            stream=parsed.stream,
+            upstream=self.upstream.name,
+            attempts=self.attempts,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cost_usd=cost_usd,
+            ttft_ms=round(self.ttft_s * 1000, 1) if self.ttft_s is not None else None,
+            status=self.status,
+            error=self.error if self.status >= 400 else None,
+        )
 
 
 def _outcome(status: int) -> str:
@@ -365,6 +400,20 @@ def _outcome(status: int) -> str:
 
 
 _DESCRIBED = {"timeout": "timed out", "connect": "connection failed"}
+_ERROR_TYPE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # an upstream's, as the access log shows it
+
+
+def _upstream_error_type(payload: bytes) -> str:
+    """The `error.type` of an upstream's 4xx answer, passed back as it is (OpenAI and Anthropic
+    both nest it there), else `upstream_error`."""
+    try:
+        error = json.loads(payload).get("error") if len(payload) <= 65536 else None
+    except (ValueError, AttributeError, RecursionError):
+        error = None
+    kind = error.get("type") if isinstance(error, dict) else None
+    if isinstance(kind, str) and _ERROR_TYPE.fullmatch(kind):
+        return kind
+    return UpstreamFailed.error_type
 
 
 def _all_failed(last: ProxyError, failed_attempts: list[str]) -> ProxyError:

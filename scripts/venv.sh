@@ -14,8 +14,12 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv 2>/dev/null || { rm -rf .venv; apt_install python3-venv; python3 -m venv .venv; }
 fi
 .venv/bin/pip install -q --upgrade pip
+# setuptools announces every editable install with an "Editable installation." notice (its
+# InformationOnly class: nothing wrong with the project), which pip prints as a warning. Only that
+# notice is hidden; any real setuptools warning still shows (tests/test_packaging.py).
+editable_notice="ignore:Editable installation"
 if [ -n "${VENV_EXTRAS:-}" ]; then
-  .venv/bin/pip install -q -e ".[$VENV_EXTRAS]"
+  PYTHONWARNINGS="$editable_notice" .venv/bin/pip install -q -e ".[$VENV_EXTRAS]"
 else
-  .venv/bin/pip install -q -e .
+  PYTHONWARNINGS="$editable_notice" .venv/bin/pip install -q -e .
 fi

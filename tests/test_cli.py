@@ -5,12 +5,18 @@ The same commands against a real store and proxy are in tests/integration/test_c
 
 from __future__ import annotations
 
+import argparse
+import os
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from proxy.cli import key_payload, key_text, main, parse_args, rotate_payload
+from proxy.cli import main
+from proxy.cli.arguments import build_parser, parse_args
+from proxy.cli.keys import key_payload, rotate_payload
+from proxy.cli.text import key_text
 from tests.servers import free_port
 
 NOW = datetime(2030, 1, 31, 12, 0, 0, tzinfo=UTC)
@@ -234,23 +240,23 @@ def test_key_text_shows_budget_expiry_and_model_limits_in_words() -> None:
         f"id: {KEY_ID}",
         "name: team-a",
         "rpm: 60",
-        "credits: None",
-        "budget: 50 USD per month, 12.345678 spent, resets at 2030-02-01T00:00:00Z",
+        "credits: unlimited",
+        "budget: 50 USD per month, 12.345678 USD spent, resets at 2030-02-01T00:00:00Z",
         "expires_at: 2030-03-02T12:00:00Z (in 30d)",
         "model_limits: gpt-4o rpm=10 tpm=20000; o1* rpm=2",
-        "revoked: False",
+        "revoked: no",
     ]
 
 
-def test_key_text_of_a_key_without_the_new_limits_says_none() -> None:
+def test_key_text_of_a_key_without_the_new_limits_says_none_and_never() -> None:
     record = {**RECORD, "budget": None, "budget_spent": 0, "budget_resets_at": None,
               "expires_at": None, "model_limits": None}  # fmt: skip
 
     lines = key_text(record, NOW).splitlines()
 
-    assert "budget: None" in lines
-    assert "expires_at: None" in lines
-    assert "model_limits: None" in lines
+    assert "budget: none" in lines
+    assert "expires_at: never" in lines
+    assert "model_limits: none" in lines
     assert not any(line.startswith("old key") for line in lines)
 
 
@@ -303,3 +309,71 @@ def test_key_text_after_the_grace_says_when_the_old_key_stopped_working() -> Non
     lines = key_text(record, NOW).splitlines()
 
     assert lines[-1] == "old key stopped working at: 2030-01-31T11:55:00Z (5m ago)"
+
+
+def command_parsers(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every (sub)command's parser, by its words after `tollgate`."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from command_parsers(sub, (*path, name))
+
+
+COMMANDS = [
+    (), ("serve",), ("demo",), ("mock-upstream",), ("keys",), ("keys", "create"),
+    ("keys", "update"), ("keys", "list"), ("keys", "show"), ("keys", "revoke"),
+    ("keys", "rotate"), ("keys", "restore"), ("credits",), ("credits", "add"),
+    ("credits", "unlimited"), ("usage",),
+]  # fmt: skip
+
+
+def test_every_option_and_command_has_help() -> None:
+    parsers = dict(command_parsers(build_parser()))
+
+    assert sorted(parsers) == sorted(COMMANDS)
+    missing = []
+    for path, parser in parsers.items():
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                named = {a.dest: a.help for a in action._choices_actions}
+                missing += [(*path, n) for n in action.choices if not named.get(n)]
+            elif not action.help or action.help == argparse.SUPPRESS:
+                missing.append((*path, action.dest))
+    assert missing == []
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda path: " ".join(path) or "tollgate")
+def test_help_of_every_command_exits_0_and_explains_each_option(
+    path: tuple[str, ...], capsys: Any
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*path, "--help"])
+
+    out = capsys.readouterr().out
+    assert exited.value.code == 0
+    assert out.startswith(" ".join(["usage: tollgate", *path]))
+    parser = dict(command_parsers(build_parser()))[path]
+    for action in parser._actions:
+        for option in action.option_strings:
+            assert option in out
+        if action.help and not isinstance(action, argparse._SubParsersAction):
+            assert " ".join(action.help.split()[:3]) in " ".join(out.split())
+
+
+def test_serve_without_an_upstream_is_one_line_pointing_at_mock_upstream(
+    monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    for name in [n for n in os.environ if n.startswith("TOLLGATE_")]:
+        monkeypatch.delenv(name)
+
+    status = main(["serve", "--port", str(free_port())])
+
+    out, err = capsys.readouterr()
+    assert (status, out) == (2, "")
+    assert err == (
+        "tollgate: TOLLGATE_UPSTREAM_URL or TOLLGATE_UPSTREAMS is required for serve "
+        "(`tollgate mock-upstream` runs a fake one to try it with)\n"
+    )

@@ -1,7 +1,8 @@
 """The operator CLI (`python -m proxy keys|credits|usage`) against the real Redis the running
 proxy uses: `--json` prints exactly the admin API's answer, and changes take effect at once.
 Every failure is one line on stderr: status 2 for a bad command line or setting, 1 for a
-command that could not be carried out. `serve` also checks its CA file and descriptor limit.
+command that could not be carried out. `serve` also checks its CA file and descriptor limit;
+`mock-upstream` answers a chat completion until SIGTERM.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import io
 import json
 import os
 import resource
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,8 +27,9 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.admin_client import Admin
 from tests.integration.conftest import MESSAGES, Mock, Stack, new_request_id
-from tests.servers import free_port, wait_for
+from tests.servers import RedisServer, free_port, proxy_server, tollgate_env, wait_for
 
 MODEL = "gpt-4o-mini"
 
@@ -210,15 +214,48 @@ def test_usage_jsonl_lines_are_the_usage_records(
 def test_usage_json_equals_the_admin_usage_answer(
     stack: Stack, used_key: tuple[dict[str, Any], list[str]]
 ) -> None:
+    """`--until 2099-12-31` takes that day whole: the admin API's `until=2100-01-01`."""
     key, _ = used_key
-    since, until = "2000-01-01", "2100-01-01"
-    answer = cli_json(stack, "usage", "--key", key["id"], "--since", since, "--until", until)
+    answer = cli_json(
+        stack, "usage", "--key", key["id"], "--since", "2000-01-01", "--until", "2099-12-31"
+    )
 
     via_api = stack.admin.client.get(
-        f"/admin/keys/{key['id']}/usage", params={"since": since, "until": until}
+        f"/admin/keys/{key['id']}/usage", params={"since": "2000-01-01", "until": "2100-01-01"}
     ).json()
     assert answer == via_api
     assert answer["totals"]["requests"] == 2
+
+
+def test_usage_without_key_is_a_table_of_every_used_key_and_a_total(
+    stack: Stack, used_key: tuple[dict[str, Any], list[str]], since: float
+) -> None:
+    other = stack.admin.create_key(name="cli-usage-other")
+    request_id = new_request_id()
+    assert chat(stack, other["key"], request_id).status_code == 200
+    stack.admin.record(request_id, since=since)
+    done = tollgate("usage", redis_url=stack.redis.url)
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == [
+        "key", "name", "requests", "prompt_tokens", "completion_tokens", "total_tokens",
+        "cost_usd",
+    ]  # fmt: skip
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows[used_key[0]["id"]][1:3] == ["cli-usage", "2"]
+    assert rows[other["id"]][1:3] == ["cli-usage-other", "1"]
+    total = sum(int(row[2]) for key_id, row in rows.items() if key_id != "total")
+    assert lines[-1].split()[:2] == ["total", str(total)]
+
+
+@pytest.mark.parametrize("output", [(), ("--format", "jsonl"), ("--format", "csv", "--json")])
+def test_usage_of_an_unknown_key_is_one_line_and_status_1(
+    stack: Stack, output: tuple[str, ...]
+) -> None:
+    done = tollgate("usage", "--key", "nope", *output, redis_url=stack.redis.url)
+
+    assert one_line_error(done, 1) == "tollgate: no key with id 'nope'"
 
 
 def test_unknown_key_id_fails_with_one_line_on_stderr(stack: Stack) -> None:
@@ -347,6 +384,67 @@ def test_unknown_key_for_credits_is_one_line_and_status_1(stack: Stack) -> None:
     done = tollgate("credits", "add", "0123456789abcdef", "1", redis_url=stack.redis.url)
 
     assert "0123456789abcdef" in one_line_error(done, 1)
+
+
+def test_mock_upstream_answers_a_chat_completion_until_sigterm() -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "mock-upstream", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        answers: list[httpx.Response] = []
+
+        def answered() -> bool:
+            body = {"model": MODEL, "messages": MESSAGES}
+            answers.append(httpx.post(url + "/chat/completions", json=body, timeout=5))
+            return answers[-1].status_code == 200
+
+        wait_for(answered, what="the mock upstream")  # connection refused until it listens
+        body = answers[-1].json()
+        assert body["object"] == "chat.completion"
+        assert body["choices"][0]["message"]["content"]
+        assert body["usage"]["total_tokens"] > 0
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=10)
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    assert process.returncode == 0
+    assert f"TOLLGATE_UPSTREAM_URL={url} tollgate serve" in out
+
+
+def test_serve_pointed_at_mock_upstream_as_its_banner_says_answers_a_key(
+    redis_store: RedisServer, tmp_path: Path
+) -> None:
+    mock_env = {"TOLLGATE_LOG_LEVEL": "warning"}
+    mock_args = ["mock-upstream", "--port", "{port}"]
+    with proxy_server(env=mock_env, args=mock_args, ready_path="/v1/models") as mock:
+        upstream_url = mock.url + "/v1"
+        assert f"TOLLGATE_UPSTREAM_URL={upstream_url} tollgate serve" in mock.output()
+        env = tollgate_env(redis_url=redis_store.url, upstream_url=upstream_url,
+                           spool_dir=tmp_path)  # fmt: skip
+        with proxy_server(env=env) as proxy, Admin(proxy.url) as admin:
+            key = admin.create_key(name="via-mock-upstream")
+            response = httpx.post(
+                proxy.url + "/v1/chat/completions",
+                json={"model": MODEL, "messages": MESSAGES},
+                headers={"authorization": f"Bearer {key['key']}"},
+                timeout=20,
+            )
+
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"].startswith("Hello from the")
+
+
+def test_mock_upstream_on_a_busy_port_is_one_line_and_status_1() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        done = tollgate("mock-upstream", "--port", str(port), redis_url=None)
+
+    assert one_line_error(done, 1).startswith(f"tollgate: cannot listen on 127.0.0.1:{port}: ")
 
 
 def test_a_reader_that_goes_away_stops_the_cli_quietly(
@@ -590,7 +688,8 @@ def test_keys_show_text_says_budget_spent_and_reset(stack: Stack) -> None:
     assert done.returncode == 0, done.stderr
     record = stack.admin.key(created["id"])
     spent = f"{record['budget_spent']:.6f}".rstrip("0").rstrip(".")
-    expected = f"budget: 2.5 USD per day, {spent} spent, resets at {record['budget_resets_at']}"
+    resets = record["budget_resets_at"]
+    expected = f"budget: 2.5 USD per day, {spent} USD spent, resets at {resets}"
     assert expected in done.stdout.splitlines()
 
 
@@ -645,4 +744,26 @@ def test_keys_list_table_has_budget_and_expiry_columns(stack: Stack) -> None:
         "revoked",
     ]  # fmt: skip
     row = next(line.split() for line in lines if line.startswith(created["id"]))
-    assert row[6:] == ["7/week", "2031-01-01T00:00:00Z", "False"]
+    assert row[2:] == [
+        "unlimited", "unlimited", "unlimited", "unlimited", "7/week", "2031-01-01T00:00:00Z", "no",
+    ]  # fmt: skip
+
+
+def test_serve_with_workers_removes_the_metrics_directory_it_made_on_exit(
+    redis_store: RedisServer, mock: Mock, tmp_path: Path
+) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = tollgate_env(
+        redis_url=redis_store.url, upstream_url=mock.url, TMPDIR=str(scratch),
+        PROMETHEUS_MULTIPROC_DIR="",  # unset: serve makes its own under TMPDIR
+    )  # fmt: skip
+    args = ["serve", "--host", "127.0.0.1", "--port", "{port}", "--workers", "2"]
+    with proxy_server(env=env, args=args) as proxy:
+        made = list(scratch.glob("tollgate-metrics-*"))
+        assert len(made) == 1 and made[0].is_dir()
+        assert httpx.get(proxy.url + "/metrics", timeout=5).status_code == 200
+        assert proxy.process is not None
+        proxy.signal(signal.SIGTERM)
+        assert proxy.process.wait(timeout=30) == 0
+    assert list(scratch.glob("tollgate-metrics-*")) == []
