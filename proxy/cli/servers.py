@@ -13,6 +13,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import ssl
 import sys
 import tempfile
@@ -135,17 +136,26 @@ def serve(settings: Settings) -> int:
 
 
 def demo(settings: Settings, host: str, port: int) -> int:
-    from proxy.demo import listen, run_demo
+    from proxy.demo import run_demo
 
-    try:
-        sock = listen(host, port)
-    except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        print(f"tollgate: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
+    sock = _listening(host, port)
+    if sock is None:
         return FAILED
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_demo(settings, sock=sock, host=host))
     return 0
+
+
+def _listening(host: str, port: int) -> socket.socket | None:
+    """A socket bound and listening on host:port, or None after one line on stderr."""
+    from proxy.demo import listen
+
+    try:
+        return listen(host, port)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        print(f"tollgate: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
+        return None
 
 
 def _shown(host: str) -> str:
@@ -159,14 +169,10 @@ def mock_upstream(settings: Settings, host: str, port: int) -> int:
     """The built-in mock upstream on host:port until Ctrl+C or SIGTERM (exit 0)."""
     import uvicorn
 
-    from proxy.demo import listen
     from proxy.mock_upstream import create_mock_upstream
 
-    try:
-        sock = listen(host, port)
-    except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        print(f"tollgate: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
+    sock = _listening(host, port)
+    if sock is None:
         return FAILED
     url = f"http://{_shown(host)}:{sock.getsockname()[1]}/v1"
     print(
