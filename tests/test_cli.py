@@ -377,3 +377,19 @@ def test_serve_without_an_upstream_is_one_line_pointing_at_mock_upstream(
         "tollgate: TOLLGATE_UPSTREAM_URL or TOLLGATE_UPSTREAMS is required for serve "
         "(`tollgate mock-upstream` runs a fake one to try it with)\n"
     )
+
+
+def test_a_store_command_names_a_misspelled_variable_before_asking_for_the_store(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("TOLLGATE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("TOLLGATE_REDIS_ULR", "redis://127.0.0.1:1")
+    assert main(["keys", "list"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "tollgate: warning: TOLLGATE_REDIS_ULR is not a Tollgate setting and is ignored; "
+        "did you mean TOLLGATE_REDIS_URL?",
+        "tollgate: set TOLLGATE_REDIS_URL to the store the server uses",
+    ]

@@ -42,6 +42,12 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "demo":
             return servers.demo(settings, args.host, args.port)
         return servers.mock_upstream(settings, args.host, args.port)
+    # The servers log these at startup; a store command says them before anything else, so a
+    # misspelled TOLLGATE_REDIS_ULR is named rather than met as "set TOLLGATE_REDIS_URL".
+    from proxy.startup import unknown_variable_warning
+
+    for name in settings.unknown_variables:
+        print(f"tollgate: warning: {unknown_variable_warning(name)}", file=sys.stderr)
     if not settings.redis_url:
         return fail("tollgate: set TOLLGATE_REDIS_URL to the store the server uses", USAGE_ERROR)
     from proxy.cli.operations import operate
