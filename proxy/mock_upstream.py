@@ -17,19 +17,18 @@ answers every generating route with that status and an error in its dialect's sh
 with `retry-after: 1`), `{"stall": true}` never answers, `"count": n` limits either to the
 next n generating requests, `{}` heals it; the model list is unaffected and faulted requests
 are still recorded. A process started with TOLLGATE_MOCK_TAG (`create_mock_upstream_from_environ`)
-names itself in an `x-mock-upstream` header on every answer.
+names itself in an `x-mock-upstream` header on every answer. That inspection and control lives
+in `proxy/mock_control.py`; this module answers the APIs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -37,159 +36,16 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxy.mock_control import Fault, MockState, Recorder, Tag, error_response, faultable
+
+__all__ = [
+    "MODELS", "REPLY", "Fault", "MockState", "create_mock_upstream",
+    "create_mock_upstream_from_environ",
+]  # fmt: skip
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "mock-slow", "mock-gated")
 REPLY = "Hello from the Tollgate mock upstream! This answer streams word by word."
-
-
-class MockState:
-    """What the mock has seen, for tests that check what reached the upstream."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.model_list_requests = 0  # Tollgate's own GET /models, kept apart from the above
-        self.gate = asyncio.Semaphore(0)
-        self.open_streams = 0
-        self.max_open_streams = 0
-        self.cached_prompts: set[str] = set()  # Anthropic prompt-cache prefixes written
-        self.fault: Fault | None = None  # set by POST /_mock/fault
-
-
-_FAULT_SHAPE = 'a fault is {"status": 400-599} or {"stall": true}, with an optional "count" >= 1'
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Fault:
-    """How every generating route fails: with `status`, or by never answering (`stall`), for
-    the next `count` requests (None: until cleared)."""
-
-    status: int | None = None
-    stall: bool = False
-    count: int | None = None
-
-    @classmethod
-    def from_json(cls, raw: object) -> Fault | None:
-        """The fault a POST /_mock/fault body asks for (None: heal); ValueError when malformed."""
-        if not isinstance(raw, dict) or set(raw) - {"status", "stall", "count"}:
-            raise ValueError(_FAULT_SHAPE)
-        status, stall, count = raw.get("status"), raw.get("stall", False), raw.get("count")
-        fails = stall is True or status is not None
-        if not (
-            (status is None or (type(status) is int and 400 <= status <= 599))
-            and type(stall) is bool
-            and not (stall and status is not None)
-            and (count is None or (type(count) is int and count >= 1 and fails))
-        ):
-            raise ValueError(_FAULT_SHAPE)
-        return cls(status=status, stall=stall, count=count) if fails else None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"status": self.status, "stall": self.stall, "count": self.count}
-
-
-class _Recorder:
-    """Records every request before routing, so tests see what reached the upstream on any
-    path, not only on the routes the mock answers."""
-
-    def __init__(self, app: ASGIApp, *, state: MockState) -> None:
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith("/_mock/"):
-            await self.app(scope, receive, send)
-            return
-        if scope["method"] == "GET" and scope["path"] in ("/models", "/v1/models"):
-            self.state.model_list_requests += 1
-            await self.app(scope, receive, send)
-            return
-        chunks: list[bytes] = []
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        raw = b"".join(chunks)
-        try:
-            body: Any = json.loads(raw) if raw else None
-        except (ValueError, RecursionError):
-            body = raw.decode("utf-8", "replace")
-        self.state.requests.append(
-            {
-                "method": scope["method"],
-                "path": scope["path"],
-                "raw_path": (scope.get("raw_path") or scope["path"].encode()).decode("latin-1"),
-                "query": scope.get("query_string", b"").decode("latin-1"),
-                "headers": {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
-                "body": body,
-                "body_sha256": hashlib.sha256(raw).hexdigest(),  # the exact bytes received
-            }
-        )
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": raw, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
-class _Tag:
-    """Names this mock process in an `x-mock-upstream` header on every answer, so a test with
-    several mocks sees which one answered."""
-
-    def __init__(self, app: ASGIApp, *, tag: str) -> None:
-        self.app = app
-        self.header = (b"x-mock-upstream", tag.encode("latin-1"))
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def tagged(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self.header]}
-            await send(message)
-
-        await self.app(scope, receive, tagged)
-
-
-_Handler = Callable[[Request], Awaitable[Response]]
-
-
-def _faultable(state: MockState, handler: _Handler, anthropic: bool = False) -> _Handler:
-    """`handler`, failing as the process's fault says while one is set."""
-
-    async def endpoint(request: Request) -> Response:
-        fault = state.fault
-        if fault is None:
-            return await handler(request)
-        if fault.count is not None:
-            state.fault = replace(fault, count=fault.count - 1) if fault.count > 1 else None
-        if fault.status is None:  # a stall: the caller's timeout ends it
-            await asyncio.sleep(3600)
-            return Response(status_code=504)
-        kind = {429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}.get(
-            fault.status, "invalid_request_error" if fault.status < 500 else "api_error"
-        )
-        if not anthropic and fault.status >= 500:
-            kind = "server_error"
-        message = f"mock upstream fault: status {fault.status}"
-        error = {"type": kind, "message": message}
-        answer = _error(error if anthropic else {**error, "param": None, "code": None},
-                        fault.status, anthropic)  # fmt: skip
-        if fault.status == 429:
-            answer.headers["retry-after"] = "1"
-        return answer
-
-    return endpoint
 
 
 def _words(reply: str) -> list[str]:
@@ -224,23 +80,17 @@ async def _misbehaviour(model: str, *, anthropic: bool = False) -> Response | No
         await asyncio.sleep(3600)
     if model == "mock-error":
         kind = "api_error" if anthropic else "server_error"
-        return _error({"message": "boom", "type": kind}, 500, anthropic)
+        return error_response({"message": "boom", "type": kind}, 500, anthropic)
     if model == "mock-bad-json":
         return Response(b"<html>not json</html>", media_type="application/json")
     if model == "mock-not-found" or model.startswith("missing-"):
         message = f"The model `{model}` does not exist"
         if anthropic:
-            return _error({"type": "not_found_error", "message": message}, 404, anthropic)
+            return error_response({"type": "not_found_error", "message": message}, 404, anthropic)
         error = {"message": message, "type": "invalid_request_error", "param": None,
                  "code": "model_not_found"}  # fmt: skip
-        return _error(error, 404, anthropic)
+        return error_response(error, 404, anthropic)
     return None
-
-
-def _error(error: dict[str, Any], status: int, anthropic: bool) -> Response:
-    return JSONResponse(
-        {"type": "error", "error": error} if anthropic else {"error": error}, status
-    )
 
 
 def create_mock_upstream_from_environ() -> Starlette:
@@ -383,15 +233,15 @@ def create_mock_upstream(state: MockState | None = None, *, tag: str | None = No
     routes = []
     for prefix in ("", "/v1"):
         routes += [
-            Route(f"{prefix}/chat/completions", _faultable(state, chat), methods=["POST"]),
+            Route(f"{prefix}/chat/completions", faultable(state, chat), methods=["POST"]),
             Route(f"{prefix}/models", models, methods=["GET"]),
-            Route(f"{prefix}/embeddings", _faultable(state, embeddings), methods=["POST"]),
-            Route(f"{prefix}/responses", _faultable(state, responses), methods=["POST"]),
-            Route(f"{prefix}/completions", _faultable(state, completions), methods=["POST"]),
-            Route(f"{prefix}/messages", _faultable(state, messages, True), methods=["POST"]),
+            Route(f"{prefix}/embeddings", faultable(state, embeddings), methods=["POST"]),
+            Route(f"{prefix}/responses", faultable(state, responses), methods=["POST"]),
+            Route(f"{prefix}/completions", faultable(state, completions), methods=["POST"]),
+            Route(f"{prefix}/messages", faultable(state, messages, True), methods=["POST"]),
             Route(
                 f"{prefix}/messages/count_tokens",
-                _faultable(state, count_tokens, True),
+                faultable(state, count_tokens, True),
                 methods=["POST"],
             ),
         ]
@@ -401,9 +251,9 @@ def create_mock_upstream(state: MockState | None = None, *, tag: str | None = No
         Route("/_mock/reset", reset, methods=["POST"]),
         Route("/_mock/fault", fault, methods=["POST"]),
     ]
-    middleware = [Middleware(_Recorder, state=state)]
+    middleware = [Middleware(Recorder, state=state)]
     if tag is not None:
-        middleware.insert(0, Middleware(_Tag, tag=tag))
+        middleware.insert(0, Middleware(Tag, tag=tag))
     app = Starlette(routes=routes, middleware=middleware)
     app.state.mock = state
     return app
